@@ -1,0 +1,37 @@
+"""Every example runs to completion as a separate process and prints what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_bounded_loads_example() -> None:
+    out = run_example("bounded_loads.py")
+    assert "3,000 concurrent requests for one hot key went to" in out
+    assert "a sixth server joined" in out
+    assert "10.0.0.6" in out.split("the next 2,000 sessions went to")[1]
+
+
+def test_benchmark_runs_small() -> None:
+    script = EXAMPLES.parent / "benchmarks" / "bounded.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--keys", "2000", "--nodes", "10", "--factors", "1.25"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| 10 | random jumps, 100 vn | 1.25 |" in done.stdout
