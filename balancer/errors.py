@@ -8,17 +8,35 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── NoNodesError (LookupError)          a lookup on a balancer or ring with no members
      ├── UnknownNodeError (KeyError)         a node name that is not a member
      ├── NotAcquiredError (KeyError)         release of a key that holds no load
-     └── CapacityError                       every eligible node is at its capacity
+     ├── CapacityError                       every eligible node is at its capacity
+     ├── PeerUnreachableError (ConnectionError)  a peer timed out, refused, or is known down
+     ├── RemoteError                         a peer answered with an error of its own
+     ├── BadRequestError (ValueError)        a malformed request or RPC payload        -> 400
+     ├── KeyNotFoundError (KeyError)         the key has no live value                 -> 404
+     ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
+     ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
+     ├── PluginError                         a plugin is missing or misbehaving
+     └── RingError                           join failed, node has left, no successor answers
+          └── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BadRequestError",
     "BalancerError",
     "CapacityError",
     "ConfigError",
+    "IncompatibleConfigError",
+    "KeyNotFoundError",
     "NoNodesError",
     "NotAcquiredError",
+    "PeerUnreachableError",
+    "PluginError",
+    "RemoteError",
+    "RingError",
+    "TooLargeError",
+    "UnknownMethodError",
     "UnknownNodeError",
 ]
 
@@ -59,3 +77,60 @@ class NotAcquiredError(BalancerError, KeyError):
 
 class CapacityError(BalancerError):
     """Every node the caller allowed is at its capacity (only possible when nodes are excluded)."""
+
+
+class PeerUnreachableError(BalancerError, ConnectionError):
+    """A peer did not answer within the timeout, refused the connection, or is known to be down."""
+
+    def __init__(self, address: str, reason: str = "unreachable") -> None:
+        super().__init__(f"{address}: {reason}")
+        self.address = address
+
+
+class RemoteError(BalancerError):
+    """A peer answered a call with an error; ``kind`` names the error class it raised there."""
+
+    def __init__(self, kind: str, message: str, status: int = 500) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.status = status
+
+
+class BadRequestError(BalancerError, ValueError):
+    """A request or RPC payload is malformed (HTTP 400)."""
+
+
+class KeyNotFoundError(BalancerError, KeyError):
+    """The key has no live value (HTTP 404)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"not found: {self.key}"
+
+
+class TooLargeError(BalancerError, ValueError):
+    """A key or value is over its configured size limit (HTTP 413)."""
+
+
+class UnknownMethodError(BalancerError, LookupError):
+    """An RPC named a method the node does not serve (HTTP 404)."""
+
+
+class PluginError(BalancerError):
+    """A plugin is missing, misnamed or misbehaving; ``plugin`` names it where one is known."""
+
+    def __init__(self, message: str, plugin: object = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+class RingError(BalancerError):
+    """The ring cannot do what was asked: joining failed, the node has left, or no successor answers."""
+
+
+class IncompatibleConfigError(RingError):
+    """A node tried to join a ring whose settings (id bits, protocol version) differ from its own."""

@@ -1,0 +1,429 @@
+"""Chord routing: finger table, successor list, predecessor; join, stabilize, notify, leave; lookups.
+
+This is the corrected Chord of Zave ("Reasoning about identifier spaces", 2012/2017) rather than the
+original paper's:
+
+- a node joins through its successor only, and learns the rest by stabilization;
+- stabilize adopts its successor's predecessor only after that node has answered, so a dead or
+  half-joined node is never made a successor;
+- a successor that fails is replaced from the successor list (length r), never left dangling, so the
+  ring survives r - 1 adjacent failures.
+
+Lookups are iterative: the caller asks one node at a time for the closest node it knows that precedes the
+id, so a dead hop costs one timeout and the next-closest candidate is tried. Every lookup reports its hop
+count (the number of remote steps it took).
+
+The class talks to peers only through the ``call`` function it is given (a transport's ``call``), so the
+same code runs over aiohttp and over the in-process network of a simulation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from balancer.errors import BadRequestError, IncompatibleConfigError, PeerUnreachableError, RingError
+from balancer.hookspecs import Handler, Payload
+from balancer.keyspace import KeySpace, in_interval
+from balancer.types import Lookup, NodeInfo, RingView
+
+__all__ = ["Call", "Chord"]
+
+log = logging.getLogger(__name__)
+
+Call = Callable[[str, str, Payload, float], Awaitable[Payload]]
+"""``call(address, method, payload, timeout)``: a transport's client side."""
+
+_CLOSER = 4  # candidates a node returns per lookup step, so the caller can skip dead ones
+
+
+def _node(value: Any) -> NodeInfo:
+    try:
+        return NodeInfo.from_wire(value)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from exc
+
+
+def _nodes(value: Any) -> list[NodeInfo]:
+    if not isinstance(value, list):
+        raise BadRequestError(f"expected a list of nodes, got {type(value).__name__}")
+    return [_node(v) for v in value]
+
+
+def _ident(payload: Payload, space: KeySpace) -> int:
+    value = payload.get("id")
+    if type(value) is not int or not 0 <= value < space.size:
+        raise BadRequestError(f"'id' must be an integer in [0, 2**{space.bits}), got {value!r}")
+    return value
+
+
+class Chord:
+    """One ring member's routing state and the protocol steps that maintain it.
+
+    ``info`` is this node, ``call`` the transport's client, ``settings`` the values every member of the
+    ring must share (checked when a node joins). The maintenance steps (:meth:`stabilize`,
+    :meth:`fix_fingers`, :meth:`check_predecessor`) are called periodically by the owner of the event
+    loop (:class:`balancer.node.Node`), or directly by tests and simulations.
+    """
+
+    def __init__(
+        self,
+        info: NodeInfo,
+        call: Call,
+        *,
+        space: KeySpace | None = None,
+        successors: int = 8,
+        timeout: float = 1.0,
+        settings: dict[str, int] | None = None,
+        successor_shortcut: bool = True,
+        on_event: Callable[[str, NodeInfo], None] | None = None,
+    ) -> None:
+        self.info = info
+        self.space = space or KeySpace()
+        self.r = successors
+        self.timeout = timeout
+        self.settings = settings or {"bits": self.space.bits}
+        self.successor_shortcut = successor_shortcut
+        self.predecessor: NodeInfo | None = None
+        self.successors: list[NodeInfo] = [info]
+        self.fingers: list[NodeInfo | None] = [None] * self.space.bits
+        self.left = False
+        self._call = call
+        self._on_event = on_event or (lambda event, peer: None)
+        self._on_predecessor: list[Callable[[NodeInfo | None, NodeInfo | None], None]] = []
+
+    # -- the view ---------------------------------------------------------------------------------
+
+    @property
+    def successor(self) -> NodeInfo:
+        """The first entry of the successor list (this node itself when it is alone)."""
+        return self.successors[0]
+
+    def view(self) -> RingView:
+        """This node's view of the ring, as values."""
+        distinct = list(dict.fromkeys(f for f in self.fingers if f is not None and f != self.info))
+        return RingView(self.info, self.predecessor, tuple(self.successors), tuple(distinct))
+
+    def owns(self, ident: int) -> bool:
+        """Whether ``ident`` falls in ``(predecessor, self]``; true for everything while alone or unsure."""
+        if self.predecessor is None:
+            return self.successor == self.info
+        return in_interval(ident, self.predecessor.id, self.info.id, self.space.size, right_closed=True)
+
+    def on_predecessor_change(self, callback: Callable[[NodeInfo | None, NodeInfo | None], None]) -> None:
+        """Call ``callback(old, new)`` whenever the predecessor changes (hand-off hangs off this)."""
+        self._on_predecessor.append(callback)
+
+    # -- joining and leaving ----------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Start a new ring with this node as its only member."""
+        self.predecessor = None
+        self.successors = [self.info]
+        self.fingers = [None] * self.space.bits
+        self.left = False
+
+    async def join(self, bootstrap: str) -> Lookup:
+        """Join the ring that the node at address ``bootstrap`` belongs to.
+
+        Only the successor is set; stabilization does the rest. Raises
+        :class:`IncompatibleConfigError` if the ring's settings differ from this node's, and
+        :class:`PeerUnreachableError` or :class:`RingError` if the bootstrap node cannot place us.
+        """
+        answer = await self._call(
+            bootstrap,
+            "chord.join",
+            {"node": self.info.to_wire(), "settings": self.settings},
+            self.timeout * 8,
+        )
+        successors = _nodes(answer.get("successors"))
+        if not successors:
+            raise RingError(f"{bootstrap} returned no successor")
+        owner = successors[0]
+        if owner.id == self.info.id and owner.address != self.info.address:
+            raise RingError(f"id {self.info.id:x} is already taken by {owner.address}")
+        self.create()
+        self._set_successors(owner, successors[1:])
+        await self._notify(self.successor)
+        return Lookup(owner, int(answer.get("hops", 0)), tuple(successors))
+
+    async def leave(self) -> None:
+        """Leave gracefully: tell the successor who its new predecessor is and the predecessor who its
+        new successors are. The caller hands this node's keys over first.
+        """
+        self.left = True
+        succ, pred = self.successor, self.predecessor
+        message = {
+            "node": self.info.to_wire(),
+            "predecessor": pred.to_wire() if pred else None,
+            "successors": [s.to_wire() for s in self.successors],
+        }
+        for peer in dict.fromkeys(p for p in (succ, pred) if p is not None and p != self.info):
+            try:
+                await self._call(peer.address, "chord.leaving", message, self.timeout)
+            except PeerUnreachableError:
+                log.info("%s: %s did not hear that we leave", self.info, peer)
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    async def stabilize(self) -> None:
+        """Verify the successor, adopt a closer one if the successor knows one, refresh the successor
+        list from it, and notify it of this node.
+        """
+        if self.left:
+            return
+        for _ in range(self.r + 1):
+            succ = self.successor
+            if succ == self.info:
+                state: Payload = self._state()
+                break
+            try:
+                state = await self._call(succ.address, "chord.state", {}, self.timeout)
+                break
+            except PeerUnreachableError:
+                self.forget(succ)
+        else:
+            return
+        tail = _nodes(state.get("successors", []))
+        raw_pred = state.get("predecessor")
+        candidate = _node(raw_pred) if raw_pred is not None else None
+        if (
+            candidate is not None
+            and candidate != self.info
+            and in_interval(candidate.id, self.info.id, succ.id, self.space.size)
+        ):
+            try:  # adopt only a node that answers (Zave), never a dead or departed one
+                closer = await self._call(candidate.address, "chord.state", {}, self.timeout)
+                succ, tail = candidate, _nodes(closer.get("successors", []))
+            except PeerUnreachableError:
+                pass
+        self._set_successors(succ, tail)
+        if self.successor != self.info:
+            await self._notify(self.successor)
+
+    async def check_predecessor(self) -> None:
+        """Forget the predecessor if it does not answer a ping."""
+        pred = self.predecessor
+        if pred is None or pred == self.info or self.left:
+            return
+        try:
+            await self._call(pred.address, "chord.ping", {}, self.timeout)
+        except PeerUnreachableError:
+            self.forget(pred)
+
+    async def fix_fingers(self) -> int:
+        """Refresh the whole finger table; returns the number of lookups it needed.
+
+        Finger i is the successor of ``id + 2**i``. Consecutive fingers that fall before the previous
+        answer reuse it, so a pass costs about log2(N) lookups instead of m.
+        """
+        if self.left:
+            return 0
+        lookups = 0
+        previous = self.successor
+        size = self.space.size
+        for i in range(self.space.bits):
+            start = self.space.finger_start(self.info.id, i)
+            if in_interval(start, self.info.id, previous.id, size, right_closed=True):
+                self.fingers[i] = previous
+                continue
+            try:
+                previous = (await self.find_successor(start)).owner
+            except RingError:
+                break
+            lookups += 1
+            self.fingers[i] = previous
+        return lookups
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    async def find_successor(self, ident: int) -> Lookup:
+        """The node that owns ``ident`` (its successor on the ring), found iteratively.
+
+        Unreachable hops are forgotten and skipped. Raises :class:`RingError` if no route is left.
+        """
+        done = self._answer(ident)
+        if done is not None:
+            return Lookup(done[0], 0, tuple(done))
+        candidates = self._closest_preceding(ident)
+        size = self.space.size
+        tried: set[str] = set()
+        dead: set[str] = set()
+        # The last node that answered and its successor list: when its successor turns out dead, the
+        # next live entry of that list owns what the dead one did (Zave's rule, applied by the caller).
+        last, last_successors = self.info, list(self.successors)
+        hops = 0
+        while candidates and len(tried) < 4 * self.space.bits + self.r:
+            node = candidates.pop(0)
+            answer: Payload | None = None
+            if node.address not in tried:
+                tried.add(node.address)
+                try:
+                    answer = await self._call(node.address, "chord.find_step", {"id": ident}, self.timeout)
+                except PeerUnreachableError:
+                    self.forget(node)
+                    dead.add(node.address)
+            if answer is None:
+                alive = [s for s in last_successors if s.address not in dead]
+                if (
+                    node.address in dead
+                    and alive
+                    and in_interval(ident, last.id, alive[0].id, size, right_closed=True)
+                ):
+                    return Lookup(alive[0], hops, tuple(alive))
+                continue
+            hops += 1
+            successors = _nodes(answer.get("successors", []))
+            if answer.get("done") and successors:
+                return Lookup(successors[0], hops, tuple(successors))
+            last, last_successors = node, successors
+            candidates = _nodes(answer.get("closer", [])) + candidates
+        raise RingError(f"no route to the owner of {ident:x} from {self.info.address}")
+
+    def _answer(self, ident: int) -> list[NodeInfo] | None:
+        """This node's successor list if ``ident`` falls in ``(self, successor]``, else None."""
+        if in_interval(ident, self.info.id, self.successor.id, self.space.size, right_closed=True):
+            return list(self.successors)
+        return None
+
+    def _closest_preceding(self, ident: int) -> list[NodeInfo]:
+        """Known nodes strictly between this node and ``ident``, the closest to ``ident`` first."""
+        known: Iterable[NodeInfo | None] = (
+            [*self.fingers, *self.successors] if self.successor_shortcut else [*self.fingers, self.successor]
+        )
+        size = self.space.size
+        me = self.info.id
+        between = {n for n in known if n is not None and in_interval(n.id, me, ident, size)}
+        return sorted(between, key=lambda n: (ident - n.id) % size)
+
+    # -- state changes ----------------------------------------------------------------------------
+
+    def _state(self) -> Payload:
+        return {
+            "predecessor": self.predecessor.to_wire() if self.predecessor else None,
+            "successors": [s.to_wire() for s in self.successors],
+        }
+
+    def _set_successors(self, first: NodeInfo, tail: Iterable[NodeInfo]) -> None:
+        """Successor list = ``first`` then ``tail``, cut at this node itself, without repeats, r long."""
+        fresh: list[NodeInfo] = []
+        for node in (first, *tail):
+            if node == self.info:
+                break
+            if node not in fresh:
+                fresh.append(node)
+            if len(fresh) == self.r:
+                break
+        fresh = fresh or [self.info]
+        for node in fresh:
+            if node not in self.successors:
+                self._on_event("joined", node)
+        self.successors = fresh
+
+    def _set_predecessor(self, node: NodeInfo | None) -> None:
+        old = self.predecessor
+        if old == node:
+            return
+        self.predecessor = node
+        for callback in self._on_predecessor:
+            callback(old, node)
+
+    def forget(self, node: NodeInfo, event: str = "failed") -> None:
+        """Drop every pointer to ``node`` (failed or departed); refill the successor list if emptied."""
+        if node == self.info:
+            return
+        known = node in self.successors or node == self.predecessor or node in self.fingers
+        self.fingers = [None if f == node else f for f in self.fingers]
+        if node in self.successors:
+            self.successors = [s for s in self.successors if s != node]
+            if not self.successors:  # every successor is gone: the closest live finger, else ourselves
+                self.successors = [self.info]
+                ahead = self._closest_preceding((self.info.id - 1) % self.space.size)
+                self.successors = ahead[-1:] or [self.info]
+        if node == self.predecessor:
+            self._set_predecessor(None)
+        if known:
+            self._on_event(event, node)
+
+    async def _notify(self, succ: NodeInfo) -> None:
+        try:
+            await self._call(succ.address, "chord.notify", {"node": self.info.to_wire()}, self.timeout)
+        except PeerUnreachableError:
+            self.forget(succ)
+
+    # -- RPC handlers -----------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        """The RPC methods this node serves, by name."""
+        return {
+            "chord.ping": self._rpc_ping,
+            "chord.state": self._rpc_state,
+            "chord.notify": self._rpc_notify,
+            "chord.find_step": self._rpc_find_step,
+            "chord.join": self._rpc_join,
+            "chord.leaving": self._rpc_leaving,
+        }
+
+    def _check_serving(self) -> None:
+        if self.left:
+            raise RingError(f"{self.info.address} has left the ring")
+
+    async def _rpc_ping(self, payload: Payload) -> Payload:
+        self._check_serving()
+        return {"id": self.info.id}
+
+    async def _rpc_state(self, payload: Payload) -> Payload:
+        self._check_serving()
+        return self._state()
+
+    async def _rpc_notify(self, payload: Payload) -> Payload:
+        self._check_serving()
+        node = _node(payload.get("node"))
+        pred = self.predecessor
+        if node != self.info and (
+            pred is None or in_interval(node.id, pred.id, self.info.id, self.space.size)
+        ):
+            self._set_predecessor(node)
+            self._on_event("joined", node)
+            if self.successor == self.info:  # alone until now: the newcomer is also our successor
+                self._set_successors(node, [])
+        return {}
+
+    async def _rpc_find_step(self, payload: Payload) -> Payload:
+        self._check_serving()
+        ident = _ident(payload, self.space)
+        done = self._answer(ident)
+        if done is not None:
+            return {"done": True, "successors": [s.to_wire() for s in done]}
+        closer = self._closest_preceding(ident)[:_CLOSER]
+        return {
+            "done": False,
+            "closer": [n.to_wire() for n in closer],
+            "successors": [s.to_wire() for s in self.successors],
+        }
+
+    async def _rpc_join(self, payload: Payload) -> Payload:
+        self._check_serving()
+        node = _node(payload.get("node"))
+        settings = payload.get("settings")
+        if settings != self.settings:
+            raise IncompatibleConfigError(
+                f"{node.address} has settings {settings!r}; this ring uses {self.settings!r}"
+            )
+        found = await self.find_successor(node.id)
+        return {"successors": [s.to_wire() for s in found.successors], "hops": found.hops}
+
+    async def _rpc_leaving(self, payload: Payload) -> Payload:
+        node = _node(payload.get("node"))
+        raw_pred = payload.get("predecessor")
+        new_pred = _node(raw_pred) if raw_pred is not None else None
+        handover = [n for n in _nodes(payload.get("successors", [])) if n != node]
+        was_successor = node == self.successor
+        was_predecessor = node == self.predecessor
+        self.forget(node, "left")
+        if was_successor and handover:
+            self._set_successors(handover[0], handover[1:])
+        if was_predecessor and new_pred is not None and new_pred != self.info:
+            self._set_predecessor(new_pred)
+        return {}

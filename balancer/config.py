@@ -1,0 +1,106 @@
+"""One typed configuration object for a node and every plugin it loads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from balancer.errors import ConfigError
+
+__all__ = ["PROTOCOL_VERSION", "Config"]
+
+PROTOCOL_VERSION = 1
+"""Bumped whenever two nodes of different versions could not share a ring."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings of one node; plugins read theirs from here, never from the environment.
+
+    Times are in seconds, sizes in bytes. Invalid values raise :class:`ConfigError` on construction.
+    """
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one."""
+    address: str | None = None
+    """Host name other nodes use to reach this one (``--address``); defaults to ``host``."""
+    bits: int = 64
+    """Size m of the identifier space: ids are m-bit integers."""
+    successors: int = 8
+    """Length r of the successor list; the ring survives r - 1 adjacent failures."""
+    stabilize_interval: float = 0.5
+    """Mean period of stabilize + notify."""
+    fix_fingers_interval: float = 1.0
+    """Mean period of one finger-table refresh pass."""
+    check_predecessor_interval: float = 1.0
+    """Mean period of the predecessor liveness check."""
+    jitter: float = 0.25
+    """Each period is drawn uniformly within +-jitter of its mean, so nodes do not act in lockstep."""
+    rpc_timeout: float = 1.0
+    """Timeout of one inter-node call; a peer that misses it is treated as failed for that call."""
+    transport: str = "aiohttp"
+    """Name of the transport plugin (``aiohttp``, ``local``)."""
+    storage: str = "memory"
+    """Name of the storage plugin (``memory``)."""
+    replication: str = "successor"
+    """Name of the replication strategy (``successor``, ``multi-ring``)."""
+    replicas: int = 1
+    """Replication factor N: how many distinct nodes hold each key."""
+    max_key_bytes: int = 1024
+    """Longest key accepted, in UTF-8 bytes."""
+    max_value_bytes: int = 1 << 20
+    """Largest value accepted."""
+    handoff_batch: int = 256
+    """Records per hand-off message when keys move between nodes."""
+    node_id: int | None = None
+    """Fix this node's id instead of hashing its address (tests and simulations)."""
+    load_entrypoints: bool = True
+    """Load third-party plugins from the ``balancer`` entry-point group."""
+    seed: int | None = None
+    """Seed of this node's random choices (jitter); ``None`` for the system's randomness."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Settings of third-party plugins, by plugin name."""
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        require(8 <= self.bits <= 160, f"bits must be in [8, 160], got {self.bits}")
+        require(1 <= self.successors <= 64, f"successors must be in [1, 64], got {self.successors}")
+        for name in (
+            "stabilize_interval",
+            "fix_fingers_interval",
+            "check_predecessor_interval",
+            "rpc_timeout",
+        ):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
+        require(0 <= self.jitter < 1, f"jitter must be in [0, 1), got {self.jitter}")
+        require(1 <= self.replicas <= 16, f"replicas must be in [1, 16], got {self.replicas}")
+        require(self.max_key_bytes >= 1, "max_key_bytes must be positive")
+        require(self.max_value_bytes >= 0, "max_value_bytes must be non-negative")
+        require(self.handoff_batch >= 1, "handoff_batch must be positive")
+        if self.node_id is not None:
+            require(0 <= self.node_id < 1 << self.bits, f"node_id must be in [0, 2**{self.bits})")
+
+    @property
+    def advertised(self) -> str:
+        """The host other nodes use to reach this one."""
+        return self.address or self.host
+
+    def evolve(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (and validated)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        return replace(self, **changes)
+
+    def ring_settings(self) -> dict[str, int]:
+        """The settings every member of one ring must share; a joiner with others is refused."""
+        return {"protocol": PROTOCOL_VERSION, "bits": self.bits}

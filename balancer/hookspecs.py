@@ -1,0 +1,220 @@
+"""The contract between balancer's core and its plugins: hook specifications and the seams they fill.
+
+pluggy calls hooks synchronously, so hooks only register factories or answer small questions; every
+piece of I/O lives in the async objects the factories return (a :class:`Transport`, a :class:`Storage`).
+Never write an ``async def`` hookimpl.
+
+A plugin is any module or object with ``@hookimpl`` functions, registered by the plugin manager
+(:func:`balancer.plugin.plugin_manager`) from ``balancer/plugins/`` or from the ``balancer`` entry-point
+group. Built-in plugins mark their hooks ``trylast`` so that a user's plugin registering the same name
+wins.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import pluggy
+
+from balancer.keyspace import KeySpace
+from balancer.types import NodeInfo, Record
+
+if TYPE_CHECKING:
+    from balancer.config import Config
+
+__all__ = [
+    "Handler",
+    "PublicApi",
+    "ReplicationStrategy",
+    "Storage",
+    "StorageFactory",
+    "Transport",
+    "TransportFactory",
+    "hookimpl",
+    "hookspec",
+]
+
+hookspec = pluggy.HookspecMarker("balancer")
+"""Marks a function in this module as a hook specification."""
+hookimpl = pluggy.HookimplMarker("balancer")
+"""Marks a plugin's function as the implementation of a hook."""
+
+Payload = dict[str, Any]
+Handler = Callable[[Payload], Awaitable[Payload]]
+"""An RPC handler: JSON-safe payload in, JSON-safe result out, or a BalancerError raised."""
+
+
+class PublicApi(ABC):
+    """What a node offers its clients: the key-value operations and its status, by key text."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """The value of ``key``; raises :class:`~balancer.errors.KeyNotFoundError`."""
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; raises :class:`~balancer.errors.KeyNotFoundError` if it has no live value."""
+
+    @abstractmethod
+    async def status(self) -> Payload:
+        """The node's view of the ring and its key count, as JSON-safe data."""
+
+
+class Transport(ABC):
+    """Carries RPCs between nodes and serves one node's handlers; an async context manager.
+
+    One transport object belongs to one node; ``aclose`` stops serving and closes client connections.
+    Failures to reach a peer raise :class:`~balancer.errors.PeerUnreachableError`; an error raised by
+    the remote handler comes back as :class:`~balancer.errors.RemoteError` (or the same class, where
+    the transport can tell).
+    """
+
+    @abstractmethod
+    async def serve(
+        self, host: str, port: int, handlers: Mapping[str, Handler], api: PublicApi | None = None
+    ) -> int:
+        """Serve ``handlers`` (and the public ``api``, where the transport has one); returns the port.
+
+        ``handlers`` is read at each call, so entries added after ``serve`` returns are served too.
+        """
+
+    @abstractmethod
+    async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:
+        """Call ``method`` on the node at ``address`` and return its result within ``timeout`` seconds."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop serving and release every connection."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class Storage(ABC):
+    """An async store of :class:`~balancer.types.Record` s, keyed by key bytes; an async context manager.
+
+    Writes are last-writer-wins: ``put`` keeps whichever version is greater. Deletes are tombstones
+    (records whose value is ``None``), so a stale replica cannot resurrect a key.
+    """
+
+    @abstractmethod
+    async def get(self, key: bytes) -> Record | None:
+        """The record for ``key`` (possibly a tombstone), or ``None``."""
+
+    @abstractmethod
+    async def put(self, record: Record) -> bool:
+        """Keep ``record`` unless a record with a greater or equal version is stored; True if kept."""
+
+    @abstractmethod
+    def scan(
+        self, start: int | None = None, end: int | None = None, batch: int = 256
+    ) -> AsyncIterator[list[Record]]:
+        """Batches of at most ``batch`` records whose key id lies in the circular interval ``(start, end]``.
+
+        Ids are ``hash_key(key, bits=config.bits)``. With ``start`` or ``end`` ``None``, every record.
+        """
+
+    @abstractmethod
+    async def remove(self, records: list[Record]) -> int:
+        """Physically drop these records unless a newer version was written since; returns how many."""
+
+    @abstractmethod
+    async def count(self) -> int:
+        """How many records (tombstones included) are stored."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush and release the store."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class ReplicationStrategy(ABC):
+    """Maps a key to the ring ids whose successors hold its replicas."""
+
+    @abstractmethod
+    def positions(self, key: bytes, replicas: int, space: KeySpace) -> list[int]:
+        """Ring ids for ``key``'s replicas, most preferred first.
+
+        If it returns fewer than ``replicas`` ids, the remaining replicas are the next distinct nodes in
+        the successor list of the last id's owner.
+        """
+
+
+TransportFactory = Callable[["Config"], Transport]
+StorageFactory = Callable[["Config"], Storage]
+ReplicationFactory = Callable[["Config"], ReplicationStrategy]
+
+
+# -- seams: register factories by name -----------------------------------------------------------
+
+
+@hookspec
+def balancer_register_transports(register: Callable[[str, TransportFactory], None]) -> None:
+    """Register transports, each under a name that ``Config.transport`` can select.
+
+    Called once when the plugin manager's registry is built.
+
+    :param register: call ``register(name, factory)``; ``factory(config)`` returns a new :class:`Transport`.
+    """
+
+
+@hookspec
+def balancer_register_storages(register: Callable[[str, StorageFactory], None]) -> None:
+    """Register storages, each under a name that ``Config.storage`` can select.
+
+    :param register: call ``register(name, factory)``; ``factory(config)`` returns a new :class:`Storage`.
+    """
+
+
+@hookspec
+def balancer_register_replications(register: Callable[[str, ReplicationFactory], None]) -> None:
+    """Register replication strategies, each under a name that ``Config.replication`` can select.
+
+    :param register: call ``register(name, factory)``; ``factory(config)`` returns a strategy.
+    """
+
+
+# -- events: what a node observed on the ring -----------------------------------------------------
+
+
+@hookspec
+def balancer_node_joined(node: NodeInfo, peer: NodeInfo) -> None:
+    """``node`` saw ``peer`` become its predecessor or successor (a join, or the ring healing).
+
+    :param node: the observing node.
+    :param peer: the new neighbour.
+    """
+
+
+@hookspec
+def balancer_node_left(node: NodeInfo, peer: NodeInfo) -> None:
+    """``peer`` told ``node`` that it is leaving the ring gracefully."""
+
+
+@hookspec
+def balancer_node_failed(node: NodeInfo, peer: NodeInfo) -> None:
+    """``node`` stopped trusting ``peer`` after it failed to answer (it may come back)."""
+
+
+@hookspec
+def balancer_range_moved(node: NodeInfo, target: NodeInfo, records: int) -> None:
+    """``node`` handed ``records`` records to ``target``, which now holds them (confirmed)."""

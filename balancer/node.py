@@ -1,0 +1,292 @@
+"""A ring member: Chord routing, the key-value service and the plugins, wired together on one event loop.
+
+``Node`` is the public entry point for applications on the ring::
+
+    async with Node(Config(port=9001)) as first:               # creates a ring
+        async with Node(Config(port=9002), join=first.address) as second:
+            await second.put("greeting", b"hello")
+            assert await first.get("greeting") == b"hello"
+            found = await first.lookup("greeting")             # owner and hop count
+
+Leaving the ``async with`` block leaves the ring gracefully (keys are handed to the successor first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import pluggy
+
+from balancer.chord import Chord
+from balancer.config import Config
+from balancer.errors import BalancerError, PeerUnreachableError, RingError
+from balancer.hookspecs import Handler, Payload, PublicApi, Storage, Transport
+from balancer.keyspace import KeySpace
+from balancer.kv import KVService
+from balancer.plugin import Registry, plugin_manager
+from balancer.types import Lookup, NodeInfo, Record, RingView, Version
+
+__all__ = ["Node"]
+
+log = logging.getLogger(__name__)
+
+
+class Node(PublicApi):
+    """One member of a balancer ring; an async context manager.
+
+    ``join`` is the address (``host:port``) of any member of an existing ring; without it the node
+    creates a new ring. ``transport`` and ``storage`` may be given as objects (tests, simulations);
+    otherwise the plugins named in ``config`` make them. ``pm`` is the plugin manager to use (a new one
+    with the built-in plugins, plus entry points if ``config.load_entrypoints``, by default).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        join: str | None = None,
+        pm: pluggy.PluginManager | None = None,
+        transport: Transport | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.bootstrap = join
+        self.pm = pm or plugin_manager(load_entrypoints=self.config.load_entrypoints)
+        self.registry = Registry(self.pm)
+        self.space = KeySpace(self.config.bits)
+        self.transport = transport or self.registry.transport(self.config)
+        self.storage = storage or self.registry.storage(self.config)
+        self.strategy = self.registry.replication(self.config)
+        self._handlers: dict[str, Handler] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._random = random.Random(self.config.seed)
+        self._rebalance = asyncio.Event()
+        self._chord: Chord | None = None
+        self._kv: KVService | None = None
+        self.started = False
+        self.stopped = False
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> Self:
+        """Serve, then create or join the ring, then start the maintenance loops.
+
+        Raises :class:`~balancer.errors.IncompatibleConfigError` if the ring's settings differ from
+        this node's, and :class:`~balancer.errors.PeerUnreachableError` if the bootstrap node does not
+        answer; the node is closed again in both cases.
+        """
+        if self.started:
+            return self
+        self.started = True
+        port = await self.transport.serve(self.config.host, self.config.port, self._handlers, api=self)
+        address = f"{self.config.advertised}:{port}"
+        ident = self.config.node_id if self.config.node_id is not None else self.space.id(address)
+        info = NodeInfo(ident, address)
+        self._chord = chord = Chord(
+            info,
+            self.transport.call,
+            space=self.space,
+            successors=self.config.successors,
+            timeout=self.config.rpc_timeout,
+            settings=self.config.ring_settings(),
+            on_event=self._on_ring_event,
+        )
+        self._kv = KVService(chord, self.storage, self.strategy, self.transport.call, self.config, self._emit)
+        chord.on_predecessor_change(self._on_predecessor_change)
+        self._handlers.update(chord.handlers())
+        self._handlers.update(self._kv.handlers())
+        self._handlers["node.status"] = self._rpc_status
+        try:
+            if self.bootstrap:
+                await chord.join(self.bootstrap)
+            else:
+                chord.create()
+        except BaseException:
+            await self.close()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.stabilize_interval, chord.stabilize)),
+            asyncio.create_task(self._every(self.config.fix_fingers_interval, chord.fix_fingers)),
+            asyncio.create_task(self._every(self.config.check_predecessor_interval, chord.check_predecessor)),
+            asyncio.create_task(self._rebalancer()),
+        ]
+        log.info("%s: %s", info, f"joined through {self.bootstrap}" if self.bootstrap else "created a ring")
+        return self
+
+    async def leave(self) -> None:
+        """Leave the ring gracefully: hand every record to the successor, tell the neighbours, stop.
+
+        If no successor accepts the records (the node is alone, or every successor is down), they stay
+        in this node's storage and the node still stops.
+        """
+        if self.stopped or self._chord is None or self._kv is None:
+            await self.close()
+            return
+        await self._stop_tasks()
+        chord, kv = self._chord, self._kv
+        for successor in list(chord.successors):
+            if successor == chord.info:
+                break
+            try:
+                await kv.hand_off(successor, None, None)
+                break
+            except BalancerError as exc:
+                log.warning(
+                    "%s: hand-off to %s failed (%s); trying the next successor", chord.info, successor, exc
+                )
+                chord.forget(successor)
+        await chord.leave()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop serving and release everything without telling the ring (it will notice and heal)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self._stop_tasks()
+        if self._chord is not None:
+            self._chord.left = True
+        await self.transport.aclose()
+        await self.storage.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None or exc_type is asyncio.CancelledError:
+            await self.leave()
+        else:
+            await self.close()
+
+    # -- the public API ---------------------------------------------------------------------------
+
+    @property
+    def chord(self) -> Chord:
+        """The routing state (raises :class:`RingError` before :meth:`start`)."""
+        if self._chord is None:
+            raise RingError("the node has not started")
+        return self._chord
+
+    @property
+    def kv(self) -> KVService:
+        """The key-value service (raises :class:`RingError` before :meth:`start`)."""
+        if self._kv is None:
+            raise RingError("the node has not started")
+        return self._kv
+
+    @property
+    def info(self) -> NodeInfo:
+        """This node's id and advertised address."""
+        return self.chord.info
+
+    @property
+    def address(self) -> str:
+        """The ``host:port`` other nodes and clients reach this node at."""
+        return self.chord.info.address
+
+    def view(self) -> RingView:
+        """This node's current view of the ring."""
+        return self.chord.view()
+
+    async def lookup(self, key: str | bytes) -> Lookup:
+        """The node that owns ``key`` now, with the number of hops the lookup took."""
+        return await self.chord.find_successor(self.space.id(self.kv.encode_key(key)))
+
+    async def get(self, key: str | bytes) -> bytes:
+        """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`."""
+        return await self.kv.get(key)
+
+    async def put(self, key: str | bytes, value: bytes) -> None:
+        """Store ``value`` under ``key`` on the ring."""
+        await self.kv.put(key, value)
+
+    async def put_versioned(self, key: str | bytes, value: bytes) -> Version:
+        """Like :meth:`put`, returning the version written."""
+        return await self.kv.put(key, value)
+
+    async def delete(self, key: str | bytes) -> None:
+        """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
+        await self.kv.delete(key)
+
+    async def local_records(self) -> list[Record]:
+        """The records this node stores itself (tombstones included), in no particular order."""
+        records: list[Record] = []
+        async for batch in self.storage.scan():
+            records.extend(batch)
+        return records
+
+    async def status(self) -> Payload:
+        """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""
+        view = self.view()
+        return {
+            "id": f"{view.node.id:x}",
+            "address": view.node.address,
+            "predecessor": view.predecessor.address if view.predecessor else None,
+            "successors": [s.address for s in view.successors],
+            "fingers": [{"id": f"{f.id:x}", "address": f.address} for f in view.fingers],
+            "records": await self.storage.count(),
+            "settings": self.config.ring_settings(),
+        }
+
+    async def status_of(self, address: str) -> Payload:
+        """Another node's status, asked over the transport."""
+        return await self.transport.call(address, "node.status", {}, self.config.rpc_timeout)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    async def _rpc_status(self, payload: Payload) -> Payload:
+        return await self.status()
+
+    def _emit(self, event: str, **kwargs: Any) -> None:
+        try:
+            self.registry.emit(event, **kwargs)
+        except Exception:  # a misbehaving plugin must not break the ring
+            log.exception("%s: an event hook for %r failed", self._chord and self._chord.info, event)
+
+    def _on_ring_event(self, event: str, peer: NodeInfo) -> None:
+        self._emit(f"node_{event}", node=self.chord.info, peer=peer)
+
+    def _on_predecessor_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
+        if new is not None:
+            self._rebalance.set()
+
+    async def _every(self, period: float, step: Callable[[], Awaitable[Any]]) -> None:
+        jitter = self.config.jitter
+        while True:
+            await asyncio.sleep(period * self._random.uniform(1 - jitter, 1 + jitter))
+            try:
+                await step()
+            except PeerUnreachableError as exc:
+                log.debug("%s: %s: %s", self.chord.info, getattr(step, "__name__", step), exc)
+            except BalancerError as exc:
+                log.info("%s: %s failed: %s", self.chord.info, getattr(step, "__name__", step), exc)
+            except Exception:
+                log.exception("%s: %s crashed; it will run again", self.chord.info, step)
+
+    async def _rebalancer(self) -> None:
+        """Move misplaced records when the predecessor changes, and every few stabilize periods anyway."""
+        period = self.config.stabilize_interval * 4
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation and hang close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._rebalance.wait()
+            self._rebalance.clear()
+            try:
+                await self.kv.rebalance()
+            except Exception:
+                log.exception("%s: rebalancing failed; it will run again", self.chord.info)
+
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,274 @@
+"""The ``aiohttp`` transport: nodes talk HTTP/1.1 with JSON bodies, and clients use the same port.
+
+Internal RPCs are ``POST /rpc/<method>`` with a JSON object in and a JSON object out. When the node offers
+a :class:`~balancer.hookspecs.PublicApi`, it also serves ``GET``/``PUT``/``DELETE /kv/<key>`` (raw value
+bytes) and ``GET /status``. Every error answer is ``{"error": {"type": ..., "message": ...}}`` with the
+status from :data:`STATUS`; the client turns it back into the same balancer error where it can.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler as WebHandler
+from aiohttp.typedefs import Middleware
+
+from balancer import errors
+from balancer.config import Config
+from balancer.errors import (
+    BadRequestError,
+    BalancerError,
+    KeyNotFoundError,
+    PeerUnreachableError,
+    RemoteError,
+    TooLargeError,
+    UnknownMethodError,
+)
+from balancer.hookspecs import Handler, Payload, PublicApi, Transport, TransportFactory, hookimpl
+
+__all__ = ["STATUS", "AiohttpTransport", "status_for"]
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[BaseException], int] = {
+    errors.BadRequestError: 400,
+    errors.ConfigError: 400,
+    errors.KeyNotFoundError: 404,
+    errors.UnknownMethodError: 404,
+    errors.TooLargeError: 413,
+    errors.IncompatibleConfigError: 409,
+    errors.PeerUnreachableError: 503,
+    errors.RingError: 503,
+    errors.BalancerError: 500,
+}
+"""The HTTP status of each balancer error; a class not listed takes its nearest listed base's status."""
+
+# Error classes the client raises again as themselves; each is rebuilt from the message alone.
+_REBUILD: dict[str, Callable[[str], BalancerError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.BadRequestError,
+        errors.ConfigError,
+        errors.IncompatibleConfigError,
+        errors.RingError,
+        errors.TooLargeError,
+        errors.UnknownMethodError,
+    )
+}
+_REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removeprefix("not found: "))
+
+_HANDLERS = web.AppKey[Mapping[str, Handler]]("handlers")
+_API = web.AppKey("api", PublicApi)
+_CONFIG = web.AppKey("config", Config)
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status answering ``exc``: from :data:`STATUS` by its class or nearest base, else 500."""
+    return next((STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS), 500)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(exc: BaseException) -> web.Response:
+    kind = type(exc).__name__ if isinstance(exc, BalancerError) else "InternalError"
+    message = str(exc) if isinstance(exc, BalancerError) else f"{type(exc).__name__}: {exc}"
+    return _json({"error": {"type": kind, "message": message}}, status_for(exc))
+
+
+def _error_middleware(*, body_limit: int) -> Middleware:
+    """Answer every failure with the JSON error body, never aiohttp's HTML page or a traceback."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: WebHandler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:  # a body over client_max_size
+            return _error(TooLargeError(f"request body is over the limit of {body_limit} bytes"))
+        except web.HTTPException as exc:  # no such route, method not allowed
+            if exc.status < 400:
+                raise
+            return _json({"error": {"type": type(exc).__name__, "message": exc.reason}}, exc.status)
+        except BalancerError as exc:
+            return _error(exc)
+        except Exception as exc:
+            log.exception("internal error answering %s %s", request.method, request.path)
+            return _error(exc)
+
+    return error_middleware
+
+
+def _body_limit(config: Config) -> int:
+    # Room for the largest value base64-encoded inside an RPC payload, its key, and the JSON around it.
+    return 4 * ((config.max_value_bytes + 2) // 3) + 4 * config.max_key_bytes + (64 << 10)
+
+
+async def _rpc(request: web.Request) -> web.Response:
+    method = request.match_info["method"]
+    handler = request.app[_HANDLERS].get(method)
+    if handler is None:
+        raise UnknownMethodError(f"unknown method {method!r}")
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequestError(f"body must be a JSON object, not {type(payload).__name__}")
+    return _json(await handler(payload))
+
+
+def _key(request: web.Request) -> str:
+    key = request.match_info["key"]
+    if not key:
+        raise BadRequestError("empty key")
+    limit = request.app[_CONFIG].max_key_bytes
+    if (size := len(key.encode())) > limit:
+        raise TooLargeError(f"key is {size} bytes; the limit is {limit} bytes")
+    return key
+
+
+async def _get(request: web.Request) -> web.Response:
+    value = await request.app[_API].get(_key(request))
+    return web.Response(body=value, content_type="application/octet-stream")
+
+
+async def _put(request: web.Request) -> web.Response:
+    key = _key(request)
+    limit = request.app[_CONFIG].max_value_bytes
+    declared = request.content_length or 0
+    value = b"" if declared > limit else await request.read()  # refuse a declared over-size body unread
+    if (size := max(declared, len(value))) > limit:
+        raise TooLargeError(f"value is {size} bytes; the limit is {limit} bytes")
+    await request.app[_API].put(key, value)
+    return _json({"stored": key})
+
+
+async def _delete(request: web.Request) -> web.Response:
+    key = _key(request)
+    await request.app[_API].delete(key)
+    return _json({"deleted": key})
+
+
+async def _status(request: web.Request) -> web.Response:
+    return _json(await request.app[_API].status())
+
+
+@contextmanager
+def _reaching(address: str) -> Iterator[None]:
+    """Turn every way of failing to reach ``address`` into :class:`PeerUnreachableError`."""
+    try:
+        yield
+    except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError on Python >= 3.11
+        raise PeerUnreachableError(address, "timed out") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise PeerUnreachableError(address, str(exc) or type(exc).__name__) from exc
+
+
+def _answer(status: int, body: bytes) -> Payload:
+    """The result in an RPC answer, or the error it carries raised as a balancer error."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if status == 200:
+        if isinstance(data, dict):
+            return data
+        raise RemoteError("BadAnswer", "the answer is not a JSON object", status)
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        raise RemoteError("HTTPError", body[:200].decode(errors="replace"), status)
+    kind, message = str(error.get("type")), str(error.get("message"))
+    rebuild = _REBUILD.get(kind)
+    raise rebuild(message) if rebuild else RemoteError(kind, message, status)
+
+
+class AiohttpTransport(Transport):
+    """RPCs and the public key-value API over HTTP/1.1, served and called with aiohttp.
+
+    :param config: size limits (``max_key_bytes``, ``max_value_bytes``) and ``rpc_timeout``: :meth:`aclose`
+        lets requests in progress finish for that long (aiohttp's grace, at most twice it), then cancels them.
+    :param connection_limit: most connections open at once to all peers together.
+
+    A handler whose caller hangs up (a timeout, say) is cancelled, as a handler called in-process through
+    the ``local`` transport is when its caller is.
+    """
+
+    def __init__(self, config: Config | None = None, *, connection_limit: int = 100) -> None:
+        self.config = config or Config()
+        self.connection_limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._closed = False
+
+    async def serve(
+        self, host: str, port: int, handlers: Mapping[str, Handler], api: PublicApi | None = None
+    ) -> int:
+        """Listen on ``host``:``port`` (0 picks a free port) and return the port bound."""
+        if self._closed or self._runner is not None:
+            raise RuntimeError("this transport is closed or already serving")
+        limit = _body_limit(self.config)
+        app = web.Application(client_max_size=limit, middlewares=[_error_middleware(body_limit=limit)])
+        app[_HANDLERS], app[_CONFIG] = handlers, self.config
+        app.router.add_post("/rpc/{method}", _rpc)
+        if api is not None:
+            app[_API] = api
+            app.router.add_get("/kv/{key:.*}", _get)
+            app.router.add_put("/kv/{key:.*}", _put)
+            app.router.add_delete("/kv/{key:.*}", _delete)
+            app.router.add_get("/status", _status)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.config.rpc_timeout)
+        await runner.setup()
+        self._runner = runner
+        await web.TCPSite(runner, host, port).start()
+        return int(runner.addresses[0][1])
+
+    # The Transport contract takes a per-call timeout; it becomes the aiohttp request's total timeout.
+    async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:
+        """POST ``payload`` to ``address``'s ``method``; raises :class:`PeerUnreachableError` on timeout.
+
+        An error answer is raised as its balancer class where it can be rebuilt from its message,
+        otherwise as :class:`RemoteError`.
+        """
+        if self._closed:
+            raise PeerUnreachableError(address, "this transport is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.connection_limit)
+            self._session = aiohttp.ClientSession(connector=connector)
+        with _reaching(address):
+            async with self._session.post(
+                f"http://{address}/rpc/{method}",
+                data=orjson.dumps(payload),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                status, body = response.status, await response.read()
+        return _answer(status, body)
+
+    async def aclose(self) -> None:
+        """Stop serving and close client connections; calling it again does nothing."""
+        self._closed = True
+        runner, self._runner = self._runner, None
+        session, self._session = self._session, None
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            if session is not None:
+                await session.close()
+
+
+@hookimpl(trylast=True)
+def balancer_register_transports(register: Callable[[str, TransportFactory], None]) -> None:
+    """Register ``aiohttp``."""
+
+    def make(config: Config) -> Transport:
+        return AiohttpTransport(config)
+
+    register("aiohttp", make)

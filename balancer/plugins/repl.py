@@ -1,0 +1,1 @@
+"""The interactive REPL, as a plugin (filled in with the CLI)."""

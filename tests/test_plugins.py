@@ -1,0 +1,183 @@
+"""The plugin manager, the registry of named factories, and every hook."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import pluggy
+import pytest
+from conftest import converge
+
+from balancer import hookspecs
+from balancer.config import Config
+from balancer.errors import PluginError
+from balancer.hookspecs import (
+    ReplicationFactory,
+    ReplicationStrategy,
+    Storage,
+    StorageFactory,
+    Transport,
+    TransportFactory,
+    hookimpl,
+)
+from balancer.keyspace import KeySpace
+from balancer.node import Node
+from balancer.plugin import Registry, plugin_manager
+from balancer.plugins.local_transport import LocalNetwork, LocalTransport
+from balancer.plugins.memory_storage import MemoryStorage
+from balancer.plugins.replication import MultiRing, SuccessorList
+from balancer.types import NodeInfo
+
+
+def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> None:
+    registry = Registry(pm)
+    assert set(registry.transports.factories) == {"aiohttp", "local"}
+    assert set(registry.storages.factories) == {"memory"}
+    assert set(registry.replications.factories) == {"successor", "multi-ring"}
+    assert isinstance(registry.storage(Config()), MemoryStorage)
+    assert isinstance(registry.transport(Config(transport="local")), LocalTransport)
+
+
+def test_unknown_names_list_what_exists(pm: pluggy.PluginManager) -> None:
+    registry = Registry(pm)
+    with pytest.raises(PluginError, match=r"no storage named 'redis'; available: memory"):
+        registry.storage(Config(storage="redis"))
+    with pytest.raises(PluginError, match=r"available: aiohttp, local"):
+        registry.transport(Config(transport="grpc"))
+    with pytest.raises(PluginError, match=r"multi-ring, successor"):
+        registry.replication(Config(replication="ring-of-rings"))
+
+
+def test_a_user_plugin_wins_over_a_builtin_of_the_same_name() -> None:
+    class Mine(MemoryStorage):
+        pass
+
+    class Plugin:
+        @hookimpl
+        def balancer_register_storages(self, register: Callable[[str, StorageFactory], None]) -> None:
+            def make(config: Config) -> Storage:
+                return Mine()
+
+            register("memory", make)
+
+    registry = Registry(plugin_manager(load_entrypoints=False, plugins=[Plugin()]))
+    assert type(registry.storage(Config())) is Mine
+
+
+def test_a_misspelled_hook_fails_loudly() -> None:
+    class Typo:
+        @hookimpl
+        def balancer_register_storage(self, register: object) -> None:  # missing the final s
+            raise AssertionError("never called")
+
+    plugin = Typo()
+    with pytest.raises(PluginError, match="balancer_register_storage") as info:
+        plugin_manager(load_entrypoints=False, plugins=[plugin])
+    assert info.value.plugin is plugin
+
+
+async def test_a_plugin_transport_and_strategy_are_chosen_by_name(network: LocalNetwork) -> None:
+    made: list[str] = []
+
+    class Plugin:
+        @hookimpl
+        def balancer_register_transports(self, register: Callable[[str, TransportFactory], None]) -> None:
+            def make(config: Config) -> Transport:
+                made.append("transport")
+                return LocalTransport(network)
+
+            register("loopback", make)
+
+        @hookimpl
+        def balancer_register_replications(self, register: Callable[[str, ReplicationFactory], None]) -> None:
+            class Everywhere(ReplicationStrategy):
+                def positions(self, key: bytes, replicas: int, space: KeySpace) -> list[int]:
+                    made.append("positions")
+                    return [0]
+
+            register("at-zero", lambda config: Everywhere())
+
+    pm = plugin_manager(load_entrypoints=False, plugins=[Plugin()])
+    config = Config(transport="loopback", replication="at-zero", load_entrypoints=False)
+    async with Node(config, pm=pm) as node:
+        await node.put("k", b"v")
+        assert await node.get("k") == b"v"
+    assert made[0] == "transport"
+    assert "positions" in made
+    assert node.address in network.down or node.address not in network.servers
+
+
+def test_replication_positions() -> None:
+    space = KeySpace()
+    assert SuccessorList().positions(b"k", 3, space) == [space.id(b"k")]
+    spread = MultiRing().positions(b"k", 3, space)
+    assert spread[0] == space.id(b"k")
+    assert len(set(spread)) == 3
+
+
+class Recorder:
+    """Records every ring event it is told of."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, NodeInfo, object]] = []
+
+    @hookimpl
+    def balancer_node_joined(self, node: NodeInfo, peer: NodeInfo) -> None:
+        self.events.append(("joined", node, peer))
+
+    @hookimpl
+    def balancer_node_left(self, node: NodeInfo, peer: NodeInfo) -> None:
+        self.events.append(("left", node, peer))
+
+    @hookimpl
+    def balancer_node_failed(self, node: NodeInfo, peer: NodeInfo) -> None:
+        self.events.append(("failed", node, peer))
+
+    @hookimpl
+    def balancer_range_moved(self, node: NodeInfo, target: NodeInfo, records: int) -> None:
+        self.events.append(("moved", node, (target, records)))
+
+    def of(self, kind: str) -> list[tuple[str, NodeInfo, object]]:
+        return [e for e in self.events if e[0] == kind]
+
+
+async def test_ring_events_reach_plugins(network: LocalNetwork) -> None:
+    recorder = Recorder()
+    pm = plugin_manager(load_entrypoints=False, plugins=[recorder])
+    config = Config(transport="local", load_entrypoints=False, stabilize_interval=3600.0)
+    nodes: list[Node] = []
+    try:
+        for _ in range(4):
+            node = Node(
+                config, join=nodes[0].address if nodes else None, pm=pm, transport=LocalTransport(network)
+            )
+            await node.start()
+            nodes.append(node)
+            await converge(nodes)
+        joined = recorder.of("joined")
+        assert {peer for _, _, peer in joined} == {n.info for n in nodes}
+        for i in range(50):
+            await nodes[0].put(f"k{i}", b"v")
+        leaver, victim = nodes[1], nodes[2]
+        await leaver.leave()
+        assert any(node != leaver.info and peer == leaver.info for _, node, peer in recorder.of("left"))
+        moved = [payload for _, node, payload in recorder.of("moved") if node == leaver.info]
+        assert moved or await leaver.storage.count() == 0
+        network.kill(victim.address)
+        alive = [nodes[0], nodes[3]]
+        await converge(alive)
+        assert any(peer == victim.info for _, _, peer in recorder.of("failed"))
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+def test_every_hook_has_a_test() -> None:
+    hooks = {
+        name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("balancer_")
+    }
+    text = "".join(path.read_text() for path in Path(__file__).parent.rglob("test_*.py"))
+    untested = sorted(hook for hook in hooks if f"def {hook}(" not in text)
+    assert not untested, f"hooks no test implements: {untested}"

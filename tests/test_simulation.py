@@ -1,0 +1,59 @@
+"""Seeded simulations on the in-process network: rings form, survive mass failure, and keep keys."""
+
+from __future__ import annotations
+
+import random
+
+from conftest import RingFactory, converge, ring_is_correct
+
+from balancer.plugins.local_transport import LocalNetwork
+
+
+async def test_64_nodes_converge_then_survive_a_quarter_failing(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(64, seed=7)
+    assert ring_is_correct(nodes)
+    for node in nodes:
+        assert len(set(node.chord.successors)) == len(node.chord.successors) == 8
+
+    rng = random.Random(11)
+    keys = [f"key-{i}" for i in range(400)]
+    for key in keys:
+        await rng.choice(nodes).put(key, key.encode())
+    holders = {node.address: {r.key for r in await node.local_records()} for node in nodes}
+    assert sum(len(h) for h in holders.values()) == len(keys)  # one copy each (N = 1)
+
+    dead = rng.sample(nodes, 16)
+    for node in dead:
+        network.kill(node.address)
+    alive = [n for n in nodes if n not in dead]
+    rounds = await converge(alive)
+    assert rounds > 0
+    assert ring_is_correct(alive)
+
+    # every lookup from every survivor names the true owner
+    ring = sorted(alive, key=lambda n: n.info.id)
+    ids = [n.info.id for n in ring]
+    for i in range(200):
+        key = f"probe-{i}"
+        ident = nodes[0].space.id(key.encode())
+        owner = next((n for n in ring if n.info.id >= ident), ring[0])
+        found = await alive[i % len(alive)].lookup(key)
+        assert found.owner == owner.info, (key, found, ids)
+
+    # every key that did not live on a dead node is still readable, through any survivor
+    lost = set().union(*(holders[n.address] for n in dead))
+    for key in keys:
+        if key.encode() in lost:
+            continue
+        assert await rng.choice(alive).get(key) == key.encode()
+    assert len(lost) < len(keys) / 2
+
+
+async def test_mean_hops_stay_near_half_log_n(make_ring: RingFactory) -> None:
+    nodes = await make_ring(64, seed=3)
+    hops = [(await nodes[i % 64].lookup(f"h{i}")).hops for i in range(500)]
+    mean = sum(hops) / len(hops)
+    assert mean <= 0.5 * 6 * 1.15  # 0.5 log2 64, with the design's 15 % allowance
+    assert max(hops) <= 12
