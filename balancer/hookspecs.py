@@ -23,6 +23,8 @@ from balancer.keyspace import KeySpace
 from balancer.types import NodeInfo, Record
 
 if TYPE_CHECKING:
+    import click
+
     from balancer.config import Config
 
 __all__ = [
@@ -190,6 +192,19 @@ def balancer_register_replications(register: Callable[[str, ReplicationFactory],
     """Register replication strategies, each under a name that ``Config.replication`` can select.
 
     :param register: call ``register(name, factory)``; ``factory(config)`` returns a strategy.
+    """
+
+
+@hookspec
+def balancer_repl_commands(cli: click.Group) -> None:
+    """Add commands to the interactive REPL.
+
+    Called once when a REPL starts. A command's callback finds the REPL session (``.node``, the running
+    :class:`~balancer.node.Node`, and ``.say(text)`` to answer) in ``click.get_current_context().obj``.
+    An ``async`` command is awaited by the REPL; decorate it with ``balancer.plugins.repl.pass_session``
+    to receive the session as its first argument (click's context is gone by the time it runs).
+
+    :param cli: the REPL's command group; add commands with ``cli.add_command`` or ``@cli.command``.
     """
 
 

@@ -1,0 +1,5 @@
+"""``python -m balancer`` runs the command line."""
+
+from balancer.cli import main
+
+main()

@@ -1,0 +1,279 @@
+"""The ``balancer`` command line: ``node``, ``repl``, ``status`` and ``demo``.
+
+The only module that prints; everything it does goes through the public API (:class:`Node`, :class:`Config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import click
+import orjson
+
+from balancer.config import Config
+from balancer.errors import BalancerError
+from balancer.node import Node
+from balancer.plugin import plugin_manager
+
+__all__ = ["main"]
+
+_BANNER = "[balancer]"
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by ``node`` and ``repl``."""
+    options = [
+        click.option(
+            "--port",
+            type=click.IntRange(0, 65535),
+            default=0,
+            show_default=True,
+            help="Port to listen on (0 picks a free one).",
+        ),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on."),
+        click.option("--address", help="Host name other nodes reach this one at (default: --host)."),
+        click.option("--ring", is_flag=True, help="Create a new ring."),
+        click.option("--join", metavar="HOST:PORT", callback=_address, help="Join the ring of this node."),
+        click.option(
+            "--successors",
+            type=click.IntRange(1, 64),
+            default=8,
+            show_default=True,
+            help="Length of the successor list.",
+        ),
+        click.option(
+            "--stabilize-interval",
+            type=float,
+            default=0.5,
+            show_default=True,
+            help="Seconds between stabilization rounds.",
+        ),
+        click.option(
+            "--rpc-timeout",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="Seconds before a peer that does not answer counts as failed.",
+        ),
+        click.option("--transport", default="aiohttp", show_default=True, help="Transport plugin."),
+        click.option("--storage", default="memory", show_default=True, help="Storage plugin."),
+        click.option(
+            "--max-value-bytes",
+            type=click.IntRange(0),
+            default=1 << 20,
+            show_default=True,
+            help="Largest value accepted.",
+        ),
+        click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _config(**opts: Any) -> Config:
+    if opts["ring"] == bool(opts["join"]):
+        raise click.UsageError("give exactly one of --ring (create a ring) or --join HOST:PORT")
+    try:
+        return Config(
+            host=opts["host"],
+            port=opts["port"],
+            address=opts["address"],
+            successors=opts["successors"],
+            stabilize_interval=opts["stabilize_interval"],
+            fix_fingers_interval=max(1.0, 2 * opts["stabilize_interval"]),
+            check_predecessor_interval=max(1.0, 2 * opts["stabilize_interval"]),
+            rpc_timeout=opts["rpc_timeout"],
+            transport=opts["transport"],
+            storage=opts["storage"],
+            max_value_bytes=opts["max_value_bytes"],
+            load_entrypoints=not opts["no_plugins"],
+        )
+    except BalancerError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _say(text: str) -> None:
+    click.echo(f"{_BANNER} {text}")
+
+
+async def _run(config: Config, join: str | None, repl: bool) -> None:
+    """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
+    pm = plugin_manager(load_entrypoints=config.load_entrypoints)
+    node = Node(config, join=join, pm=pm)
+    await node.start()
+    _say(
+        f"node {node.address} id {node.info.id:016x} " + (f"joined via {join}" if join else "created a ring")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if repl:
+            from balancer.plugins.repl import run_repl
+
+            _say("type help for the commands")
+            await run_repl(node, pm, stop=stop)
+        else:
+            await stop.wait()
+    finally:
+        if not node.stopped:
+            await node.leave()
+        _say(f"node {node.address} left the ring")
+
+
+def _start(config: Config, join: str | None, repl: bool) -> None:
+    try:
+        asyncio.run(_run(config, join, repl))
+    except BalancerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the port is taken, the interface does not exist
+        raise click.ClickException(
+            f"cannot serve on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from exc
+
+
+@click.group()
+@click.version_option(package_name="balancer")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
+    """balancer: a fault-tolerant Chord ring and key-value store, with bounded-load balancing."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@_node_options
+@click.option("--cli", "with_cli", is_flag=True, help="Open the REPL on this node.")
+def node(with_cli: bool, **opts: Any) -> None:
+    """Run a ring node; with --cli, also the REPL. SIGINT/SIGTERM leave the ring gracefully."""
+    _start(_config(**opts), opts["join"], with_cli)
+
+
+@main.command()
+@_node_options
+def repl(**opts: Any) -> None:
+    """Run a ring node with the REPL (as ``node --cli``)."""
+    _start(_config(**opts), opts["join"], True)
+
+
+async def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.get(f"http://{address}/status") as response,
+    ):
+        body = await response.read()
+        if response.status != 200:
+            raise click.ClickException(
+                f"{address} answered {response.status}: {body[:200].decode(errors='replace')}"
+            )
+        data = orjson.loads(body)
+        if not isinstance(data, dict):
+            raise click.ClickException(f"{address} answered something that is not a status")
+        return data
+
+
+@main.command()
+@click.argument("address", callback=_address)
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+def status(address: str, timeout: float, as_json: bool) -> None:
+    """Print the view of the node at ADDRESS (HOST:PORT) as a table."""
+    from balancer.plugins.repl import format_status
+
+    try:
+        data = asyncio.run(_fetch_status(address, timeout))
+    except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot reach {address}: {exc or type(exc).__name__}") from exc
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else format_status(data))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(address: str, process: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise click.ClickException(f"the node on {address} exited with status {process.returncode}")
+        with contextlib.suppress(click.ClickException, aiohttp.ClientError, OSError, TimeoutError):
+            asyncio.run(_fetch_status(address, 0.5))
+            return
+        time.sleep(0.05)  # polling a child process's port, with a deadline
+    raise click.ClickException(f"the node on {address} did not answer in time")
+
+
+@main.command()
+@click.option(
+    "--nodes", type=click.IntRange(1, 32), default=3, show_default=True, help="Ring size, this node included."
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to use.")
+def demo(nodes: int, host: str) -> None:
+    """Start a local ring of separate node processes and open the REPL on one of them.
+
+    Leaving the REPL (exit, leave, Ctrl-D) stops every node, each leaving the ring gracefully.
+    """
+    logs = tempfile.mkdtemp(prefix="balancer-demo-")
+    children: list[subprocess.Popen[bytes]] = []
+    first = None
+    try:
+        for _ in range(nodes - 1):
+            port = _free_port(host)
+            address = f"{host}:{port}"
+            where = ["--ring"] if first is None else ["--join", first]
+            command = [
+                sys.executable,
+                "-m",
+                "balancer",
+                "-v",
+                "node",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                *where,
+            ]
+            with open(os.path.join(logs, f"node-{port}.log"), "wb") as log:
+                children.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+            _wait_ready(address, children[-1], time.monotonic() + 20)
+            first = first or address
+            _say(f"started node {address} (pid {children[-1].pid})")
+        _say(f"node logs are in {logs}")
+        config = Config(host=host, port=_free_port(host))
+        _start(config, first, True)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if children:
+            _say(f"stopped {len(children)} node processes")

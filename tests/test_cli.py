@@ -1,0 +1,61 @@
+"""The command line through click's CliRunner: help, usage errors, unreachable peers."""
+
+from __future__ import annotations
+
+import socket
+
+from click.testing import CliRunner
+
+from balancer.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_lists_the_commands() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("node", "repl", "status", "demo"):
+        assert command in result.output
+    node_help = CliRunner().invoke(main, ["node", "--help"]).output
+    for flag in ("--port", "--address", "--ring", "--join", "--cli"):
+        assert flag in node_help
+
+
+def test_node_needs_exactly_one_of_ring_and_join() -> None:
+    neither = CliRunner().invoke(main, ["node", "--port", "0"])
+    assert neither.exit_code == 2
+    assert "exactly one of --ring" in neither.output
+    both = CliRunner().invoke(main, ["node", "--ring", "--join", "127.0.0.1:9"])
+    assert both.exit_code == 2
+
+
+def test_bad_addresses_are_usage_errors() -> None:
+    for bad in ("nonsense", "host:", ":80", "host:99999", "host:port"):
+        result = CliRunner().invoke(main, ["node", "--join", bad])
+        assert result.exit_code == 2, bad
+        assert "expected HOST:PORT" in result.output
+    assert CliRunner().invoke(main, ["status", "nope"]).exit_code == 2
+
+
+def test_bad_settings_are_usage_errors() -> None:
+    result = CliRunner().invoke(main, ["node", "--ring", "--rpc-timeout", "-1"])
+    assert result.exit_code == 2
+    assert "rpc_timeout must be a positive number" in result.output
+    unknown = CliRunner().invoke(main, ["node", "--ring", "--storage", "cassandra", "--no-plugins"])
+    assert unknown.exit_code == 1
+    assert "no storage named 'cassandra'; available: memory" in unknown.output
+
+
+def test_unreachable_peers_are_clean_errors() -> None:
+    port = free_port()
+    status = CliRunner().invoke(main, ["status", f"127.0.0.1:{port}", "--timeout", "1"])
+    assert status.exit_code == 1
+    assert f"cannot reach 127.0.0.1:{port}" in status.output
+    join = CliRunner().invoke(main, ["node", "--join", f"127.0.0.1:{port}", "--no-plugins"])
+    assert join.exit_code == 1
+    assert f"Error: 127.0.0.1:{port}" in join.output
+    assert "Traceback" not in join.output
