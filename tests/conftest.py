@@ -1,22 +1,21 @@
-"""Shared fixtures: a plugin manager with only the built-in plugins, and rings on the local transport."""
+"""Shared fixtures: a plugin manager with only the built-in plugins, rings on the local transport, and
+clusters of real node processes."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pluggy
 import pytest
+from helpers import QUIET, RingFactory, converge
+from processes import Cluster
 
 from balancer.config import Config
 from balancer.node import Node
 from balancer.plugin import plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
-
-# Maintenance loops never fire by themselves in local-ring tests: the tests drive every step.
-QUIET = {"stabilize_interval": 3600.0, "fix_fingers_interval": 3600.0, "check_predecessor_interval": 3600.0}
-
-RingFactory = Callable[..., Awaitable[list[Node]]]
 
 
 @pytest.fixture
@@ -29,37 +28,6 @@ def pm() -> pluggy.PluginManager:
 def network() -> LocalNetwork:
     """A fresh in-process network."""
     return LocalNetwork()
-
-
-def ring_is_correct(nodes: list[Node]) -> bool:
-    """Every node's successor and predecessor are its true neighbours; successor lists ordered, distinct."""
-    ring = sorted(nodes, key=lambda n: n.info.id)
-    count = len(ring)
-    for i, node in enumerate(ring):
-        expected = [ring[(i + k) % count].info for k in range(1, min(node.config.successors, count - 1) + 1)]
-        if count == 1:
-            expected = [node.info]
-        if node.chord.successors != expected:
-            return False
-        if count > 1 and node.chord.predecessor != ring[i - 1].info:
-            return False
-    return True
-
-
-async def converge(nodes: list[Node], rounds: int = 60) -> int:
-    """Run check_predecessor + stabilize on every node until the ring is correct; returns rounds taken.
-
-    Then refresh every finger table. Raises AssertionError if ``rounds`` do not suffice.
-    """
-    for done in range(rounds):
-        if ring_is_correct(nodes):
-            for node in nodes:
-                await node.chord.fix_fingers()
-            return done
-        for node in nodes:
-            await node.chord.check_predecessor()
-            await node.chord.stabilize()
-    raise AssertionError(f"the ring did not converge in {rounds} rounds")
 
 
 @pytest.fixture
@@ -88,3 +56,13 @@ async def make_ring(network: LocalNetwork, pm: pluggy.PluginManager) -> AsyncIte
     yield build
     for node in made:
         await node.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Real node processes on 127.0.0.1; every process started is killed at teardown."""
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop_all()

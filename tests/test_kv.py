@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import RingFactory, converge
+from helpers import RingFactory, converge
 
 from balancer.errors import BadRequestError, KeyNotFoundError, TooLargeError
 from balancer.kv import HybridClock

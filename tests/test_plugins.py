@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
-from conftest import converge
+from helpers import converge
 
 from balancer import hookspecs
 from balancer.config import Config

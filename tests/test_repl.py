@@ -7,7 +7,7 @@ import re
 
 import click
 import pluggy
-from conftest import RingFactory
+from helpers import RingFactory
 
 from balancer.hookspecs import hookimpl
 from balancer.node import Node

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import RingFactory, converge, ring_is_correct
+from helpers import RingFactory, converge, ring_is_correct
 
 from balancer.plugins.local_transport import LocalNetwork
 

@@ -1,0 +1,43 @@
+"""Helpers for rings on the in-process network: convergence checks and driving maintenance by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from balancer.node import Node
+
+# Maintenance loops never fire by themselves in local-ring tests: the tests drive every step.
+QUIET = {"stabilize_interval": 3600.0, "fix_fingers_interval": 3600.0, "check_predecessor_interval": 3600.0}
+
+RingFactory = Callable[..., Awaitable[list[Node]]]
+
+
+def ring_is_correct(nodes: list[Node]) -> bool:
+    """Every node's successor and predecessor are its true neighbours; successor lists ordered, distinct."""
+    ring = sorted(nodes, key=lambda n: n.info.id)
+    count = len(ring)
+    for i, node in enumerate(ring):
+        expected = [ring[(i + k) % count].info for k in range(1, min(node.config.successors, count - 1) + 1)]
+        if count == 1:
+            expected = [node.info]
+        if node.chord.successors != expected:
+            return False
+        if count > 1 and node.chord.predecessor != ring[i - 1].info:
+            return False
+    return True
+
+
+async def converge(nodes: list[Node], rounds: int = 60) -> int:
+    """Run check_predecessor + stabilize on every node until the ring is correct; returns rounds taken.
+
+    Then refresh every finger table. Raises AssertionError if ``rounds`` do not suffice.
+    """
+    for done in range(rounds):
+        if ring_is_correct(nodes):
+            for node in nodes:
+                await node.chord.fix_fingers()
+            return done
+        for node in nodes:
+            await node.chord.check_predecessor()
+            await node.chord.stabilize()
+    raise AssertionError(f"the ring did not converge in {rounds} rounds")

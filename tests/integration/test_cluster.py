@@ -1,0 +1,77 @@
+"""Real node processes on 127.0.0.1: a 5-node ring, keys read through every node, a graceful leave
+that loses nothing, and a kill -9 after which the ring heals."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+from processes import Cluster, kill9, owner, ring_correct, status, terminate, until
+
+
+async def test_five_processes_share_keys_survive_a_leave_and_heal_after_kill9(cluster: Cluster) -> None:
+    first = cluster.start()
+    async with aiohttp.ClientSession() as http:
+        await until(lambda: _answers(http, first.address), what="the first node answering")
+        for _ in range(4):
+            cluster.start(join=first.address)
+        addresses = [p.address for p in cluster.procs]
+        await until(lambda: ring_correct(http, addresses), what="5-node ring convergence")
+
+        keys = {f"user:{i}": f"value {i}".encode() for i in range(120)}
+        for key, value in keys.items():
+            async with http.put(f"http://{first.address}/kv/{key}", data=value) as resp:
+                assert resp.status == 200, await resp.text()
+        for proc in cluster.procs:
+            for key, value in keys.items():
+                async with http.get(f"http://{proc.address}/kv/{key}") as resp:
+                    assert resp.status == 200, (proc.address, key, await resp.text())
+                    assert await resp.read() == value
+        views = [await status(http, a) for a in addresses]
+        assert sum(v["records"] for v in views if v) == len(keys)  # N = 1: one copy of each key
+
+        # a graceful leave (SIGTERM) hands every key over: none is lost
+        leaver = cluster.procs[2]
+        assert terminate(leaver) == 0
+        assert "left the ring" in leaver.output()
+        rest = [p.address for p in cluster.alive()]
+        await until(lambda: ring_correct(http, rest), what="convergence after a leave")
+        for key, value in keys.items():
+            async with http.get(f"http://{rest[0]}/kv/{key}") as resp:
+                assert resp.status == 200, (key, await resp.text())
+                assert await resp.read() == value
+
+        # kill -9: the ring heals; keys the dead node did not own are intact
+        ids = {v["address"]: int(v["id"], 16) for v in [await status(http, a) for a in rest] if v}
+        victim = cluster.procs[3]
+        kill9(victim)
+        survivors = [p.address for p in cluster.alive()]
+        await until(lambda: ring_correct(http, survivors), what="healing after kill -9")
+        lost = 0
+        for key, value in keys.items():
+            async with http.get(f"http://{survivors[-1]}/kv/{key}") as resp:
+                if owner(key, ids) == victim.address:
+                    lost += resp.status == 404
+                    continue
+                assert resp.status == 200, (key, await resp.text())
+                assert await resp.read() == value
+        assert lost == sum(owner(k, ids) == victim.address for k in keys)  # until replication lands
+
+        # bad input over HTTP: clear errors, and the node keeps serving
+        async with http.post(f"http://{first.address}/rpc/chord.notify", data=b"{not json") as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "BadRequestError"
+        async with http.post(f"http://{first.address}/rpc/no.such.method", data=b"{}") as resp:
+            assert resp.status == 404
+        async with http.put(
+            f"http://{first.address}/kv/big", data=io.BytesIO(b"x" * ((1 << 20) + 1))
+        ) as resp:
+            assert resp.status == 413
+        async with http.get(f"http://{first.address}/kv/missing-key") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["message"] == "not found: missing-key"
+        assert await _answers(http, first.address)
+
+
+async def _answers(http: aiohttp.ClientSession, address: str) -> bool:
+    return await status(http, address) is not None

@@ -1,0 +1,136 @@
+"""Helpers for tests with real balancer node processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from balancer.keyspace import hash_key
+
+FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--no-plugins"]
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, what: str = "the condition"
+) -> None:
+    """Poll ``check`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} did not hold within {timeout} s")
+
+
+@dataclass
+class Proc:
+    """One node process."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    """Node processes started by a test, with an HTTP client to talk to them."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, *, join: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
+        """Start ``balancer node`` creating a ring (``join=None``) or joining ``join``."""
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        where = ["--join", join] if join else ["--ring"]
+        log = self.tmp / f"node-{port}.log"
+        command = [sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *extra]
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        proc = Proc(address, process, log)
+        self.procs.append(proc)
+        return proc
+
+    def alive(self) -> list[Proc]:
+        return [p for p in self.procs if p.process.poll() is None]
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.process.poll() is None:
+                proc.process.kill()
+        for proc in self.procs:
+            proc.process.wait(timeout=10)
+
+
+async def status(session: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
+    """A node's /status, or None if it does not answer."""
+    try:
+        async with session.get(f"http://{address}/status", timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            if resp.status != 200:
+                return None
+            data = orjson.loads(await resp.read())
+            return data if isinstance(data, dict) else None
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
+async def ring_correct(session: aiohttp.ClientSession, addresses: list[str]) -> bool:
+    """Whether every node's successor and predecessor are its true neighbours by id."""
+    views = [await status(session, a) for a in addresses]
+    if any(v is None for v in views):
+        return False
+    ring = sorted(views, key=lambda v: int(v["id"], 16))  # type: ignore[index]
+    for i, view in enumerate(ring):
+        assert view is not None
+        successor = ring[(i + 1) % len(ring)]
+        predecessor = ring[i - 1]
+        assert successor is not None
+        assert predecessor is not None
+        if not view["successors"] or view["successors"][0] != successor["address"]:
+            return False
+        if len(ring) > 1 and view["predecessor"] != predecessor["address"]:
+            return False
+    return True
+
+
+def owner(key: str, ids: dict[str, int]) -> str:
+    """The address that owns ``key`` on a ring whose members have ``ids`` (address -> id)."""
+    ident = hash_key(key)
+    ordered = sorted(ids.items(), key=lambda item: item[1])
+    return next((a for a, i in ordered if i >= ident), ordered[0][0])
+
+
+def terminate(proc: Proc) -> int:
+    """SIGTERM, then wait for the exit status."""
+    proc.process.send_signal(signal.SIGTERM)
+    return proc.process.wait(timeout=20)
+
+
+def kill9(proc: Proc) -> None:
+    """kill -9 the process."""
+    os.kill(proc.process.pid, signal.SIGKILL)
+    proc.process.wait(timeout=10)
