@@ -24,6 +24,13 @@ def test_bounded_loads_example() -> None:
     assert "10.0.0.6" in out.split("the next 2,000 sessions went to")[1]
 
 
+def test_ring_basics_example() -> None:
+    out = run_example("ring_basics.py")
+    assert out.count(" -> ") == 2
+    assert "read through another node: written through" in out
+    assert "after the others left, the first node holds: ['city:0', 'city:1', 'city:2']" in out
+
+
 def test_benchmark_runs_small() -> None:
     script = EXAMPLES.parent / "benchmarks" / "bounded.py"
     done = subprocess.run(
