@@ -12,9 +12,11 @@ from balancer import Config, Node
 
 async def settled(node: Node, members: int, timeout: float = 10.0) -> None:
     """Wait (polling, with a deadline) until ``node`` sees ``members - 1`` successors."""
-    async with asyncio.timeout(timeout):
-        while len(node.view().successors) < members - 1:
-            await asyncio.sleep(0.05)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(node.view().successors) < members - 1:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{node.address} did not see {members} members in {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 async def main() -> None:
