@@ -282,8 +282,14 @@ class Chord:
         raise RingError(f"no route to the owner of {ident:x} from {self.info.address}")
 
     def _answer(self, ident: int) -> list[NodeInfo] | None:
-        """This node's successor list if ``ident`` falls in ``(self, successor]``, else None."""
+        """The owner of ``ident`` and the nodes after it if the owner is this node's successor, else None.
+
+        When the ring has no more than r members the successor list wraps back to this node, which is
+        then the last of the nodes after the owner.
+        """
         if in_interval(ident, self.info.id, self.successor.id, self.space.size, right_closed=True):
+            if len(self.successors) < self.r and self.info not in self.successors:
+                return [*self.successors, self.info]
             return list(self.successors)
         return None
 

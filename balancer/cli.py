@@ -77,7 +77,76 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Seconds before a peer that does not answer counts as failed.",
         ),
         click.option("--transport", default="aiohttp", show_default=True, help="Transport plugin."),
-        click.option("--storage", default="memory", show_default=True, help="Storage plugin."),
+        click.option("--storage", help="Storage plugin (default: sqlite with --data-dir, else memory)."),
+        click.option(
+            "--data-dir", type=click.Path(file_okay=False), help="Keep records on disk here (sqlite)."
+        ),
+        click.option(
+            "--replicas",
+            type=click.IntRange(1, 16),
+            default=3,
+            show_default=True,
+            help="Replication factor N.",
+        ),
+        click.option(
+            "--write-quorum",
+            type=click.IntRange(1, 16),
+            default=2,
+            show_default=True,
+            help="W: replicas that must store a write before it is acknowledged.",
+        ),
+        click.option(
+            "--read-quorum",
+            type=click.IntRange(1, 16),
+            default=2,
+            show_default=True,
+            help="R: replicas a read asks; R + W > N gives read-your-writes.",
+        ),
+        click.option(
+            "--replication",
+            type=click.Choice(["successor", "multi-ring"]),
+            default="successor",
+            show_default=True,
+            help="Where replicas go: the successors, or N independent ring places.",
+        ),
+        click.option(
+            "--anti-entropy-interval",
+            type=float,
+            default=5.0,
+            show_default=True,
+            help="Seconds between replica maintenance passes.",
+        ),
+        click.option(
+            "--tombstone-grace",
+            type=float,
+            default=86400.0,
+            show_default=True,
+            help="Seconds a delete's tombstone is kept.",
+        ),
+        click.option(
+            "--cluster-secret",
+            envvar="BALANCER_CLUSTER_SECRET",
+            help="Shared secret that signs inter-node RPCs (or set BALANCER_CLUSTER_SECRET).",
+        ),
+        click.option(
+            "--cluster-secret-file", type=click.File("r"), help="Read the cluster secret from a file."
+        ),
+        click.option(
+            "--api-token", envvar="BALANCER_API_TOKEN", help="Bearer token the /kv and /status API requires."
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(dir_okay=False, exists=True),
+            help="Serve TLS with this certificate.",
+        ),
+        click.option(
+            "--tls-key", type=click.Path(dir_okay=False, exists=True), help="Private key of --tls-cert."
+        ),
+        click.option(
+            "--tls-ca",
+            type=click.Path(dir_okay=False, exists=True),
+            help="Verify peers against this CA and call them over TLS.",
+        ),
         click.option(
             "--max-value-bytes",
             type=click.IntRange(0),
@@ -95,6 +164,10 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _config(**opts: Any) -> Config:
     if opts["ring"] == bool(opts["join"]):
         raise click.UsageError("give exactly one of --ring (create a ring) or --join HOST:PORT")
+    secret = opts["cluster_secret"]
+    if opts["cluster_secret_file"] is not None:
+        secret = opts["cluster_secret_file"].read().strip()
+    storage = opts["storage"] or ("sqlite" if opts["data_dir"] else "memory")
     try:
         return Config(
             host=opts["host"],
@@ -106,7 +179,19 @@ def _config(**opts: Any) -> Config:
             check_predecessor_interval=max(1.0, 2 * opts["stabilize_interval"]),
             rpc_timeout=opts["rpc_timeout"],
             transport=opts["transport"],
-            storage=opts["storage"],
+            storage=storage,
+            data_dir=opts["data_dir"],
+            replicas=opts["replicas"],
+            write_quorum=opts["write_quorum"],
+            read_quorum=opts["read_quorum"],
+            replication=opts["replication"],
+            anti_entropy_interval=opts["anti_entropy_interval"],
+            tombstone_grace=opts["tombstone_grace"],
+            cluster_secret=secret or None,
+            api_token=opts["api_token"] or None,
+            tls_cert=opts["tls_cert"],
+            tls_key=opts["tls_key"],
+            tls_ca=opts["tls_ca"],
             max_value_bytes=opts["max_value_bytes"],
             load_entrypoints=not opts["no_plugins"],
         )

@@ -44,11 +44,33 @@ class Config:
     transport: str = "aiohttp"
     """Name of the transport plugin (``aiohttp``, ``local``)."""
     storage: str = "memory"
-    """Name of the storage plugin (``memory``)."""
+    """Name of the storage plugin (``memory``, ``sqlite``)."""
+    data_dir: str | None = None
+    """Folder of a durable storage's files (``--data-dir``); setting it selects ``sqlite`` from the CLI."""
     replication: str = "successor"
     """Name of the replication strategy (``successor``, ``multi-ring``)."""
-    replicas: int = 1
+    replicas: int = 3
     """Replication factor N: how many distinct nodes hold each key."""
+    write_quorum: int = 2
+    """W: a write is acknowledged only after W replicas stored it."""
+    read_quorum: int = 2
+    """R: a read asks R replicas and returns the newest version; R + W > N gives read-your-writes."""
+    tombstone_grace: float = 86400.0
+    """Seconds a tombstone is kept before it is collected; a replica away longer may resurrect a key."""
+    anti_entropy_interval: float = 5.0
+    """Mean period of the replica maintenance pass (hand-off, repair, digest comparison)."""
+    cluster_secret: str | None = None
+    """Shared secret: inter-node RPCs carry an HMAC of the body and a timestamp, checked on arrival."""
+    api_token: str | None = None
+    """Bearer token required by the public ``/kv`` and ``/status`` API."""
+    max_clock_skew: float = 30.0
+    """Seconds a signed RPC's timestamp may differ from the receiver's clock."""
+    tls_cert: str | None = None
+    """Certificate file (PEM) to serve TLS with; needs ``tls_key``."""
+    tls_key: str | None = None
+    """Private key file (PEM) of ``tls_cert``."""
+    tls_ca: str | None = None
+    """CA file (PEM) that peers' certificates are verified against; setting it makes calls use TLS."""
     max_key_bytes: int = 1024
     """Longest key accepted, in UTF-8 bytes."""
     max_value_bytes: int = 1 << 20
@@ -82,6 +104,19 @@ class Config:
             require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
         require(0 <= self.jitter < 1, f"jitter must be in [0, 1), got {self.jitter}")
         require(1 <= self.replicas <= 16, f"replicas must be in [1, 16], got {self.replicas}")
+        require(
+            1 <= self.write_quorum <= self.replicas,
+            f"write_quorum must be in [1, replicas={self.replicas}], got {self.write_quorum}",
+        )
+        require(
+            1 <= self.read_quorum <= self.replicas,
+            f"read_quorum must be in [1, replicas={self.replicas}], got {self.read_quorum}",
+        )
+        require(self.replicas <= self.successors + 1, "replicas must not exceed successors + 1")
+        for name in ("tombstone_grace", "anti_entropy_interval", "max_clock_skew"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
+        require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         require(self.max_key_bytes >= 1, "max_key_bytes must be positive")
         require(self.max_value_bytes >= 0, "max_value_bytes must be non-negative")
         require(self.handoff_batch >= 1, "handoff_batch must be positive")
@@ -103,4 +138,9 @@ class Config:
 
     def ring_settings(self) -> dict[str, int]:
         """The settings every member of one ring must share; a joiner with others is refused."""
-        return {"protocol": PROTOCOL_VERSION, "bits": self.bits}
+        return {"protocol": PROTOCOL_VERSION, "bits": self.bits, "replicas": self.replicas}
+
+    @property
+    def consistent(self) -> bool:
+        """Whether ``R + W > N``: every read quorum overlaps every write quorum (read-your-writes)."""
+        return self.read_quorum + self.write_quorum > self.replicas

@@ -16,8 +16,10 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
      ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
      ├── PluginError                         a plugin is missing or misbehaving
+     ├── UnauthorizedError                   a missing or bad HMAC, token or timestamp   -> 401
      └── RingError                           join failed, node has left, no successor answers
-          └── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
+          ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
+          └── QuorumError                    fewer replicas answered than the quorum    -> 503
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ __all__ = [
     "NotAcquiredError",
     "PeerUnreachableError",
     "PluginError",
+    "QuorumError",
     "RemoteError",
     "RingError",
     "TooLargeError",
+    "UnauthorizedError",
     "UnknownMethodError",
     "UnknownNodeError",
 ]
@@ -134,3 +138,17 @@ class RingError(BalancerError):
 
 class IncompatibleConfigError(RingError):
     """A node tried to join a ring whose settings (id bits, protocol version) differ from its own."""
+
+
+class QuorumError(RingError):
+    """Fewer replicas answered than the quorum needs; the operation may have reached some (HTTP 503)."""
+
+    def __init__(self, operation: str, answered: int, needed: int) -> None:
+        super().__init__(f"{operation} quorum not reached: {answered} of {needed} replicas answered")
+        self.operation = operation
+        self.answered = answered
+        self.needed = needed
+
+
+class UnauthorizedError(BalancerError, PermissionError):
+    """A request lacks a valid signature, token or timestamp (HTTP 401); nothing was changed."""

@@ -1,14 +1,21 @@
-"""The key-value service: get, put and delete routed to the key's replicas, and hand-off of key ranges.
+"""The key-value service: quorum reads and writes on a key's replicas, repair, hand-off, anti-entropy.
 
-A key's replicas are the owners of the ring positions the replication strategy names (the successor of
-the key's id, for the default strategy), completed from the successor list up to N distinct nodes. A
-write is stamped here, at the coordinating node, with a hybrid logical clock version, and every replica
-keeps the greater version (last writer wins), so replicas converge whatever order writes arrive in.
+**Replicas.** A key's replica set is N distinct nodes: the owners of the ring positions the replication
+strategy names (the successor of the key's id for ``successor``; of ``hash(key, i)`` for ``multi-ring``),
+completed from the successor list. Nodes after those are fallbacks, used when a replica does not answer.
 
-When membership changes, records move to the node now responsible for them: a node that gains a
-predecessor pushes it the records it no longer owns, a node that leaves pushes everything to its
-successor, and a periodic pass sends any misplaced record to its owner. A record is dropped locally only
-after its new holder confirmed it.
+**Versions.** A write is stamped here, at the coordinating node, with a hybrid logical clock timestamp and
+this node's id. Every store keeps the greatest version (last writer wins), so replicas converge whatever
+order writes arrive in; a delete writes a tombstone, collected after ``tombstone_grace``.
+
+**Quorums.** A write returns once W replicas stored it, and fails with :class:`QuorumError` (saying how
+many answered) otherwise; the replicas still in flight finish in the background. A read asks R replicas
+and returns the newest version; replicas that answered with an older one are repaired at once.
+
+**Maintenance.** Periodically, and soon after any membership change, each node computes the replica set
+of every record it holds. Records it no longer replicates are pushed to their replicas and dropped only
+after every one of them confirmed. For each peer it shares records with, it compares per-bucket digests
+of those records (64 buckets by key id) and exchanges only the records of buckets that differ.
 """
 
 from __future__ import annotations
@@ -17,25 +24,34 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any
 
-from balancer.chord import Call, Chord
+from balancer.chord import Call, Chord, _node
 from balancer.config import Config
 from balancer.errors import (
     BadRequestError,
     BalancerError,
     KeyNotFoundError,
     PeerUnreachableError,
+    QuorumError,
     RingError,
     TooLargeError,
 )
 from balancer.hookspecs import Handler, Payload, ReplicationStrategy, Storage
+from balancer.keyspace import in_interval
 from balancer.types import NodeInfo, Record, Version
 
-__all__ = ["HybridClock", "KVService"]
+__all__ = ["BUCKET_BITS", "HybridClock", "KVService", "Maintenance"]
 
 log = logging.getLogger(__name__)
+
+BUCKET_BITS = 6
+"""Anti-entropy compares 2**6 = 64 digests per pair of replicas, one per slice of the key-id space."""
+
+_COUNTER_BITS = 16
 
 
 class HybridClock:
@@ -51,12 +67,17 @@ class HybridClock:
 
     def now(self) -> int:
         """A fresh timestamp, greater than every one issued or observed before."""
-        self._last = max(self._last + 1, int(self._wall() * 1000) << 16)
+        self._last = max(self._last + 1, int(self._wall() * 1000) << _COUNTER_BITS)
         return self._last
 
     def observe(self, timestamp: int) -> None:
         """Account for a timestamp seen on a record from elsewhere."""
         self._last = max(self._last, timestamp)
+
+    @staticmethod
+    def seconds(timestamp: int) -> float:
+        """The wall-clock time (seconds since the epoch) a timestamp was issued at."""
+        return (timestamp >> _COUNTER_BITS) / 1000
 
 
 def _record(value: Any) -> Record:
@@ -64,6 +85,60 @@ def _record(value: Any) -> Record:
         return Record.from_wire(value)
     except ValueError as exc:
         raise BadRequestError(str(exc)) from exc
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: Any) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (TypeError, ValueError) as exc:
+        raise BadRequestError("keys travel as base64 text") from exc
+
+
+def _fingerprint(key: bytes, version: Version) -> int:
+    data = key + version.timestamp.to_bytes(16, "big") + version.node.to_bytes(32, "big")
+    return int.from_bytes(blake2b(data, digest_size=8).digest())
+
+
+@dataclass
+class Maintenance:
+    """What one maintenance pass did."""
+
+    records: int = 0
+    """Records examined."""
+    pushed: int = 0
+    """Records sent to replicas that lacked them or had older versions."""
+    pulled: int = 0
+    """Records received from replicas that had newer versions or ones this node lacked."""
+    handed_off: int = 0
+    """Records dropped here after their replicas confirmed them."""
+    collected: int = 0
+    """Tombstones collected after their grace period."""
+    unreachable: set[str] = field(default_factory=set)
+    """Peers that did not answer."""
+
+
+class _Placement:
+    """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
+    ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
+    """
+
+    def __init__(self, chord: Chord) -> None:
+        self.chord = chord
+        self.known: list[tuple[int, int, tuple[NodeInfo, ...]]] = []
+
+    async def successors(self, ident: int) -> tuple[NodeInfo, ...]:
+        size = self.chord.space.size
+        for start, end, nodes in self.known:
+            if in_interval(ident, start, end, size, left_closed=True, right_closed=True):
+                return nodes
+        found = await self.chord.find_successor(ident)
+        nodes = found.successors or (found.owner,)
+        self.known.append((ident, found.owner.id, nodes))
+        return nodes
 
 
 class KVService:
@@ -88,7 +163,9 @@ class KVService:
         self.clock = HybridClock()
         self._call = call
         self._emit = emit or (lambda event, **kwargs: None)
-        self._moving = asyncio.Lock()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
+        self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
 
@@ -115,7 +192,7 @@ class KVService:
         return record.value
 
     async def put(self, key: str | bytes, value: bytes) -> Version:
-        """Store ``value`` under ``key``; returns the version written."""
+        """Store ``value`` under ``key`` on W replicas at least; returns the version written."""
         data = self.encode_key(key)
         self.check_value(value)
         return await self.write(data, value)
@@ -130,64 +207,129 @@ class KVService:
 
     # -- replica sets -----------------------------------------------------------------------------
 
-    async def replicas(self, key: bytes) -> list[NodeInfo]:
-        """The nodes that should hold ``key``, most preferred first, followed by fallbacks.
-
-        The first ``config.replicas`` entries are the replica set; the rest are the next successors,
-        to be used when a replica does not answer.
-        """
-        nodes: list[NodeInfo] = []
-        successors: list[NodeInfo] = []
-        for position in self.strategy.positions(key, self.config.replicas, self.chord.space):
-            found = await self.chord.find_successor(position)
-            successors = list(found.successors) or [found.owner]
-            owner = next((n for n in successors if n not in nodes), None)
-            if owner is not None:
-                nodes.append(owner)
-        return list(dict.fromkeys(nodes + successors))
+    async def replica_set(
+        self, key: bytes, placement: _Placement | None = None
+    ) -> tuple[list[NodeInfo], list[NodeInfo]]:
+        """The key's replicas (N distinct nodes, fewer only on a smaller ring) and its fallbacks."""
+        placement = placement or _Placement(self.chord)
+        wanted = self.config.replicas
+        replicas: list[NodeInfo] = []
+        after: tuple[NodeInfo, ...] = ()
+        for position in self.strategy.positions(key, wanted, self.chord.space):
+            after = await placement.successors(position)
+            chosen = next((n for n in after if n not in replicas), None)
+            if chosen is not None:
+                replicas.append(chosen)
+        for node in after:
+            if len(replicas) >= wanted:
+                break
+            if node not in replicas:
+                replicas.append(node)
+        fallbacks = [n for n in after if n not in replicas]
+        return replicas[:wanted], fallbacks
 
     async def read(self, key: bytes) -> Record | None:
-        """The newest record any reachable replica has for ``key`` (tombstones included), or ``None``."""
-        answered = 0
-        best: Record | None = None
-        for node in await self.replicas(key):
-            if answered >= self.config.replicas:
-                break
-            try:
-                record = await self._read_at(node, key)
-            except PeerUnreachableError:
-                self.chord.forget(node)
-                continue
-            answered += 1
-            if record is not None and (best is None or record.version > best.version):
-                best = record
-        if not answered:
-            raise RingError("no replica of the key answered")
+        """The newest record R replicas hold for ``key`` (tombstones included), or ``None``.
+
+        Replicas that answered with an older version, or none, are repaired in the background. Raises
+        :class:`QuorumError` if fewer than R replicas answer.
+        """
+        replicas, fallbacks = await self.replica_set(key)
+        me = self.chord.info
+        ordered = sorted(replicas, key=lambda n: n != me) + fallbacks  # the local copy costs nothing
+        need = min(self.config.read_quorum, len(replicas))
+        answers: dict[NodeInfo, Record | None] = {}
+        queue = list(ordered)
+        running: dict[asyncio.Future[Record | None], NodeInfo] = {}
+        while len(answers) < need and (queue or running):
+            while queue and len(running) + len(answers) < need:
+                node = queue.pop(0)
+                running[asyncio.ensure_future(self._read_at(node, key))] = node
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                node = running.pop(future)
+                if future.exception() is None:
+                    answers[node] = future.result()
+                else:
+                    self._failed(node, future.exception())
+        for future in running:
+            future.cancel()
+        if len(answers) < need or not answers:
+            raise QuorumError("read", len(answers), max(need, 1))
+        best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
+        if best is not None:
+            stale = [n for n, r in answers.items() if r is None or r.version < best.version]
+            for node in stale:
+                self._in_background(self._write_at(node, [best]))
         return best
 
     async def write(self, key: bytes, value: bytes | None) -> Version:
-        """Write ``value`` (``None`` for a tombstone) under a fresh version to the key's replicas."""
+        """Write ``value`` (``None`` for a tombstone) under a fresh version to the key's replicas.
+
+        Returns once W replicas stored it; raises :class:`QuorumError` with how many did otherwise.
+        """
         record = Record(key, value, Version(self.clock.now(), self.chord.info.id))
-        acked = 0
-        for node in await self.replicas(key):
-            if acked >= self.config.replicas:
-                break
-            try:
-                await self._write_at(node, [record])
-            except PeerUnreachableError:
-                self.chord.forget(node)
-                continue
-            acked += 1
-        if not acked:
-            raise RingError("no replica of the key accepted the write")
+        replicas, fallbacks = await self.replica_set(key)
+        need = self.config.write_quorum
+        acked = await self._replicate([record], replicas, fallbacks, need)
+        if acked < need:
+            raise QuorumError("write", acked, need)
         return record.version
+
+    async def _replicate(
+        self, records: list[Record], targets: list[NodeInfo], spare: list[NodeInfo], need: int
+    ) -> int:
+        """Send ``records`` to ``targets``, replacing each that fails with the next ``spare``; returns as
+        soon as ``need`` acknowledged (the rest finish in the background) or every attempt is over.
+        """
+        spare = list(spare)
+        acked = 0
+        running = {asyncio.ensure_future(self._write_at(node, records)): node for node in targets}
+        while running and acked < need:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                node = running.pop(future)
+                if future.exception() is None:
+                    acked += 1
+                    continue
+                self._failed(node, future.exception())
+                if spare:
+                    substitute = spare.pop(0)
+                    running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
+        for future in running:
+            self._in_background(future)
+        return acked
+
+    def _in_background(self, work: Any) -> None:
+        future = asyncio.ensure_future(work)
+        self._background.add(future)
+
+        def finished(done: asyncio.Future[Any]) -> None:
+            self._background.discard(done)
+            if not done.cancelled() and done.exception() is not None:
+                log.debug("%s: background replication failed: %s", self.chord.info, done.exception())
+
+        future.add_done_callback(finished)
+
+    async def drain(self) -> None:
+        """Wait for the replication still running in the background (used before leaving)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _failed(self, node: NodeInfo, exc: BaseException | None) -> None:
+        log.debug("%s: %s did not answer: %s", self.chord.info, node, exc)
+        if isinstance(exc, PeerUnreachableError | RingError):  # down, or gone from the ring
+            self.chord.forget(node)
+
+    def cancel_background(self) -> None:
+        """Stop the replication still running in the background (used when closing abruptly)."""
+        for future in list(self._background):
+            future.cancel()
 
     async def _read_at(self, node: NodeInfo, key: bytes) -> Record | None:
         if node == self.chord.info:
             return await self.storage.get(key)
-        answer = await self._call(
-            node.address, "kv.read", {"key": base64.b64encode(key).decode()}, self.config.rpc_timeout
-        )
+        answer = await self._call(node.address, "kv.read", {"key": _b64(key)}, self.config.rpc_timeout)
         raw = answer.get("record")
         if raw is None:
             return None
@@ -216,7 +358,7 @@ class KVService:
         used = 0
         for record in records:
             size = len(record.key) + len(record.value or b"")
-            if chunks[-1] and used + size > budget:
+            if chunks[-1] and (used + size > budget or len(chunks[-1]) >= self.config.handoff_batch):
                 chunks.append([])
                 used = 0
             chunks[-1].append(record)
@@ -230,74 +372,130 @@ class KVService:
             stored += await self.storage.put(record)
         return stored
 
-    # -- moving ranges ----------------------------------------------------------------------------
+    # -- maintenance ------------------------------------------------------------------------------
 
-    async def hand_off(self, target: NodeInfo, start: int | None, end: int | None) -> int:
-        """Push the records with ids in ``(start, end]`` (all if ``None``) to ``target``; drop them here
-        once ``target`` confirmed. Returns how many moved.
+    async def maintain(self) -> Maintenance:
+        """One pass of hand-off, repair and anti-entropy over every local record (see the module doc)."""
+        async with self._maintaining:
+            report = Maintenance()
+            placement = _Placement(self.chord)
+            me = self.chord.info
+            grace = self.config.tombstone_grace
+            now = time.time()
+            shared: dict[NodeInfo, dict[int, dict[bytes, Version]]] = {}
+            misplaced: list[tuple[Record, list[NodeInfo]]] = []
+            expired: list[Record] = []
+            async for batch in self.storage.scan(batch=self.config.handoff_batch):
+                for record in batch:
+                    report.records += 1
+                    if record.value is None and now - HybridClock.seconds(record.version.timestamp) > grace:
+                        expired.append(record)
+                        continue
+                    try:
+                        replicas, _ = await self.replica_set(record.key, placement)
+                    except RingError:
+                        continue
+                    bucket = self.chord.space.id(record.key) >> (self.chord.space.bits - BUCKET_BITS)
+                    for node in replicas:
+                        if node != me:
+                            shared.setdefault(node, {}).setdefault(bucket, {})[record.key] = record.version
+                    if me not in replicas:
+                        misplaced.append((record, replicas))
+            report.collected = await self.storage.remove(expired) if expired else 0
+            self._shared = {node.address: buckets for node, buckets in shared.items()}
+            for node, buckets in shared.items():
+                await self._sync_with(node, buckets, report)
+            await self._hand_off(misplaced, report)
+            return report
+
+    async def _sync_with(
+        self, node: NodeInfo, buckets: dict[int, dict[bytes, Version]], report: Maintenance
+    ) -> None:
+        """Compare digests with ``node`` and exchange the records of the buckets that differ."""
+        digests = {str(b): self._digest(entries) for b, entries in buckets.items()}
+        try:
+            answer = await self._call(
+                node.address,
+                "kv.digests",
+                {"node": self.chord.info.to_wire(), "digests": digests},
+                self.config.rpc_timeout,
+            )
+            differing = [int(b) for b in answer.get("differ", []) if str(b).isdigit()]
+            for bucket in differing:
+                entries = buckets.get(bucket, {})
+                answer = await self._call(
+                    node.address,
+                    "kv.compare",
+                    {
+                        "node": self.chord.info.to_wire(),
+                        "bucket": bucket,
+                        "entries": [[_b64(k), *v.to_wire()] for k, v in entries.items()],
+                    },
+                    self.config.rpc_timeout,
+                )
+                wanted = [_unb64(k) for k in answer.get("want", [])]
+                theirs = [_record(r) for r in answer.get("records", [])]
+                report.pulled += await self._store(theirs)
+                mine = [r for r in [await self.storage.get(k) for k in wanted] if r is not None]
+                if mine:
+                    await self._write_at(node, mine)
+                    report.pushed += len(mine)
+        except BalancerError as exc:
+            report.unreachable.add(node.address)
+            log.debug("%s: anti-entropy with %s failed: %s", self.chord.info, node, exc)
+
+    async def _hand_off(self, misplaced: list[tuple[Record, list[NodeInfo]]], report: Maintenance) -> None:
+        """Push records this node does not replicate to their replicas; drop each once all confirmed."""
+        confirmed: list[Record] = []
+        by_target: dict[tuple[NodeInfo, ...], list[Record]] = {}
+        for record, replicas in misplaced:
+            by_target.setdefault(tuple(replicas), []).append(record)
+        for targets, records in by_target.items():
+            if not targets:
+                continue
+            acked = await self._replicate(records, list(targets), [], len(targets))
+            if acked == len(targets):
+                confirmed.extend(records)
+                for node in targets:
+                    self._emit("range_moved", node=self.chord.info, target=node, records=len(records))
+        if confirmed:
+            report.handed_off += await self.storage.remove(confirmed)
+
+    async def hand_off_all(self, targets: Iterable[NodeInfo]) -> int:
+        """Leaving: push every local record to each of ``targets`` (the successors), then drop them.
+
+        Records are dropped only if at least one target confirmed them; returns how many were dropped.
         """
-        if target == self.chord.info:
-            return 0
         moved = 0
-        async with self._moving:
-            async for batch in self.storage.scan(start, end, self.config.handoff_batch):
-                await self._write_at(target, batch)  # raises before anything is dropped
+        heirs = [t for t in targets if t != self.chord.info]
+        async for batch in self.storage.scan(batch=self.config.handoff_batch):
+            acked = await self._replicate(batch, heirs, [], len(heirs))
+            if acked:
                 moved += await self.storage.remove(batch)
-        if moved:
-            log.info("%s: handed %d records to %s", self.chord.info, moved, target)
+        for target in heirs:
             self._emit("range_moved", node=self.chord.info, target=target, records=moved)
         return moved
 
-    async def rebalance(self) -> int:
-        """Send every record this node does not own to the node that does; returns how many moved."""
-        pred = self.chord.predecessor
-        if pred is None or self.chord.left:
-            return 0
-        moved = 0
-        misplaced: list[Record] = []
-        async for batch in self.storage.scan(self.chord.info.id, pred.id, self.config.handoff_batch):
-            misplaced.extend(batch)
-        by_owner: dict[NodeInfo, list[Record]] = {}
-        for record in misplaced:
-            try:
-                owner = (await self.chord.find_successor(self.chord.space.id(record.key))).owner
-            except RingError:
-                continue
-            if owner == self.chord.info:
-                # Routes elsewhere still lead here (the ring is stabilizing): the record lies before our
-                # predecessor, so give it to the predecessor, which passes it on if it is not its own.
-                owner = pred
-            by_owner.setdefault(owner, []).append(record)
-        async with self._moving:
-            for owner, records in by_owner.items():
-                if owner == self.chord.info:
-                    continue
-                sent = 0
-                for i in range(0, len(records), self.config.handoff_batch):
-                    batch = records[i : i + self.config.handoff_batch]
-                    try:
-                        await self._write_at(owner, batch)
-                    except BalancerError as exc:
-                        log.info("%s: hand-off to %s failed: %s", self.chord.info, owner, exc)
-                        break
-                    sent += await self.storage.remove(batch)
-                if sent:
-                    self._emit("range_moved", node=self.chord.info, target=owner, records=sent)
-                moved += sent
-        return moved
+    @staticmethod
+    def _digest(entries: dict[bytes, Version]) -> list[Any]:
+        acc = 0
+        for key, version in entries.items():
+            acc ^= _fingerprint(key, version)
+        return [len(entries), f"{acc:016x}"]
 
     # -- RPC handlers -----------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC methods this service adds to the node, by name."""
-        return {"kv.read": self._rpc_read, "kv.store": self._rpc_store}
+        return {
+            "kv.read": self._rpc_read,
+            "kv.store": self._rpc_store,
+            "kv.digests": self._rpc_digests,
+            "kv.compare": self._rpc_compare,
+        }
 
     async def _rpc_read(self, payload: Payload) -> Payload:
-        try:
-            key = base64.b64decode(payload["key"], validate=True)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequestError("'key' must be base64 text") from exc
-        record = await self.storage.get(key)
+        record = await self.storage.get(_unb64(payload.get("key")))
         return {"record": record.to_wire() if record else None}
 
     async def _rpc_store(self, payload: Payload) -> Payload:
@@ -311,3 +509,44 @@ class KVService:
             ):
                 raise TooLargeError("a record is over the size limits")
         return {"stored": await self._store(records)}
+
+    async def _rpc_digests(self, payload: Payload) -> Payload:
+        peer = _node(payload.get("node"))
+        theirs = payload.get("digests")
+        if not isinstance(theirs, dict):
+            raise BadRequestError("'digests' must be an object")
+        mine = self._shared.get(peer.address, {})
+        buckets = {str(b) for b in mine} | set(theirs)
+        differ = [b for b in buckets if theirs.get(b) != self._digest(mine.get(int(b), {}))]
+        return {"differ": sorted(differ, key=int)}
+
+    async def _rpc_compare(self, payload: Payload) -> Payload:
+        peer = _node(payload.get("node"))
+        bucket = payload.get("bucket")
+        entries = payload.get("entries")
+        if type(bucket) is not int or not isinstance(entries, list):
+            raise BadRequestError("'bucket' must be an integer and 'entries' a list")
+        want: list[str] = []
+        newer: list[Payload] = []
+        listed: set[bytes] = set()
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise BadRequestError("an entry is [key, timestamp, node]")
+            key = _unb64(entry[0])
+            try:
+                version = Version.from_wire(entry[1:])
+            except ValueError as exc:
+                raise BadRequestError(str(exc)) from exc
+            listed.add(key)
+            record = await self.storage.get(key)
+            if record is None or record.version < version:
+                want.append(entry[0])
+            elif record.version > version:
+                newer.append(record.to_wire())
+        # records this node thinks the peer should hold in this bucket but the peer did not list
+        for key in self._shared.get(peer.address, {}).get(bucket, {}):
+            if key not in listed:
+                record = await self.storage.get(key)
+                if record is not None:
+                    newer.append(record.to_wire())
+        return {"want": want, "records": newer}

@@ -66,7 +66,7 @@ class Node(PublicApi):
         self._handlers: dict[str, Handler] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._random = random.Random(self.config.seed)
-        self._rebalance = asyncio.Event()
+        self._membership_changed = asyncio.Event()
         self._chord: Chord | None = None
         self._kv: KVService | None = None
         self.started = False
@@ -114,7 +114,7 @@ class Node(PublicApi):
             asyncio.create_task(self._every(self.config.stabilize_interval, chord.stabilize)),
             asyncio.create_task(self._every(self.config.fix_fingers_interval, chord.fix_fingers)),
             asyncio.create_task(self._every(self.config.check_predecessor_interval, chord.check_predecessor)),
-            asyncio.create_task(self._rebalancer()),
+            asyncio.create_task(self._maintainer()),
         ]
         log.info("%s: %s", info, f"joined through {self.bootstrap}" if self.bootstrap else "created a ring")
         return self
@@ -130,17 +130,13 @@ class Node(PublicApi):
             return
         await self._stop_tasks()
         chord, kv = self._chord, self._kv
-        for successor in list(chord.successors):
-            if successor == chord.info:
-                break
+        await kv.drain()
+        heirs = [s for s in chord.successors if s != chord.info][: self.config.replicas]
+        if heirs:
             try:
-                await kv.hand_off(successor, None, None)
-                break
+                await kv.hand_off_all(heirs)
             except BalancerError as exc:
-                log.warning(
-                    "%s: hand-off to %s failed (%s); trying the next successor", chord.info, successor, exc
-                )
-                chord.forget(successor)
+                log.warning("%s: hand-off on leaving failed: %s", chord.info, exc)
         await chord.leave()
         await self.close()
 
@@ -150,6 +146,8 @@ class Node(PublicApi):
             return
         self.stopped = True
         await self._stop_tasks()
+        if self._kv is not None:
+            self._kv.cancel_background()
         if self._chord is not None:
             self._chord.left = True
         await self.transport.aclose()
@@ -252,11 +250,11 @@ class Node(PublicApi):
             log.exception("%s: an event hook for %r failed", self._chord and self._chord.info, event)
 
     def _on_ring_event(self, event: str, peer: NodeInfo) -> None:
+        self._membership_changed.set()
         self._emit(f"node_{event}", node=self.chord.info, peer=peer)
 
     def _on_predecessor_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
-        if new is not None:
-            self._rebalance.set()
+        self._membership_changed.set()
 
     async def _every(self, period: float, step: Callable[[], Awaitable[Any]]) -> None:
         jitter = self.config.jitter
@@ -271,19 +269,22 @@ class Node(PublicApi):
             except Exception:
                 log.exception("%s: %s crashed; it will run again", self.chord.info, step)
 
-    async def _rebalancer(self) -> None:
-        """Move misplaced records when the predecessor changes, and every few stabilize periods anyway."""
-        period = self.config.stabilize_interval * 4
+    async def _maintainer(self) -> None:
+        """Run the replica maintenance pass periodically, and soon after any membership change."""
+        jitter = self.config.jitter
         while True:
+            period = self.config.anti_entropy_interval * self._random.uniform(1 - jitter, 1 + jitter)
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation and hang close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period):
-                    await self._rebalance.wait()
-            self._rebalance.clear()
+                    await self._membership_changed.wait()
+                # let stabilization settle the new neighbours before computing replica sets
+                await asyncio.sleep(self.config.stabilize_interval)
+            self._membership_changed.clear()
             try:
-                await self.kv.rebalance()
+                await self.kv.maintain()
             except Exception:
-                log.exception("%s: rebalancing failed; it will run again", self.chord.info)
+                log.exception("%s: the maintenance pass failed; it will run again", self.chord.info)
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []

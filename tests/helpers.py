@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from balancer.node import Node
 
 # Maintenance loops never fire by themselves in local-ring tests: the tests drive every step.
 QUIET = {"stabilize_interval": 3600.0, "fix_fingers_interval": 3600.0, "check_predecessor_interval": 3600.0}
+
+# A ring of one node can only acknowledge writes on one replica.
+SOLO: dict[str, Any] = {"replicas": 1, "write_quorum": 1, "read_quorum": 1}
 
 RingFactory = Callable[..., Awaitable[list[Node]]]
 
@@ -41,3 +45,21 @@ async def converge(nodes: list[Node], rounds: int = 60) -> int:
             await node.chord.check_predecessor()
             await node.chord.stabilize()
     raise AssertionError(f"the ring did not converge in {rounds} rounds")
+
+
+async def settle(nodes: list[Node], passes: int = 2) -> None:
+    """Let background replication finish, then run maintenance passes on every node."""
+    for _ in range(passes):
+        for node in nodes:
+            await node.kv.drain()
+        for node in nodes:
+            await node.kv.maintain()
+
+
+async def copies(nodes: list[Node]) -> dict[bytes, int]:
+    """How many live nodes hold each key."""
+    counts: dict[bytes, int] = {}
+    for node in nodes:
+        for record in await node.local_records():
+            counts[record.key] = counts.get(record.key, 0) + 1
+    return counts

@@ -19,7 +19,15 @@ import orjson
 
 from balancer.keyspace import hash_key
 
-FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--no-plugins"]
+FAST = [
+    "--stabilize-interval",
+    "0.2",
+    "--rpc-timeout",
+    "0.5",
+    "--anti-entropy-interval",
+    "0.5",
+    "--no-plugins",
+]
 
 
 def free_port() -> int:

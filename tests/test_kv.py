@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import RingFactory, converge
+from helpers import SOLO, RingFactory, converge, settle
 
 from balancer.errors import BadRequestError, KeyNotFoundError, TooLargeError
 from balancer.kv import HybridClock
@@ -72,13 +72,19 @@ async def test_put_get_delete_across_a_ring(make_ring: RingFactory) -> None:
         await nodes[0].get("never-written")
 
 
-async def test_keys_land_on_their_owner(make_ring: RingFactory) -> None:
+async def test_keys_land_on_their_replicas(make_ring: RingFactory) -> None:
     nodes = await make_ring(6)
     for i in range(60):
         await nodes[i % 6].put(f"k{i}", b"x")
+    await settle(nodes)
+    copies: dict[bytes, int] = {}
     for node in nodes:
         for record in await node.local_records():
-            assert node.chord.owns(node.space.id(record.key)), (node.address, record.key)
+            replicas, _ = await node.kv.replica_set(record.key)
+            assert node.info in replicas, (node.address, record.key)
+            copies[record.key] = copies.get(record.key, 0) + 1
+    assert len(copies) == 60
+    assert set(copies.values()) == {3}  # N = 3 after the background writes and one maintenance pass
 
 
 async def test_a_joining_node_receives_its_keys(make_ring: RingFactory) -> None:
@@ -90,14 +96,14 @@ async def test_a_joining_node_receives_its_keys(make_ring: RingFactory) -> None:
     await newcomer.chord.join(nodes[0].address)
     everyone = [*nodes, newcomer]
     await converge(everyone)
-    for node in everyone:
-        await node.kv.rebalance()
+    await settle(everyone)  # the second pass drops what the first confirmed elsewhere
     mine = await newcomer.local_records()
-    assert mine, "the newcomer owns part of the ring, so some keys must have moved to it"
+    assert mine, "the newcomer replicates part of the ring, so some keys must have moved to it"
     for record in mine:
-        assert newcomer.chord.owns(newcomer.space.id(record.key))
+        replicas, _ = await newcomer.kv.replica_set(record.key)
+        assert newcomer.info in replicas
     total = sum([len(await n.local_records()) for n in everyone])
-    assert total == 100
+    assert total == 3 * 100
     for i in range(100):
         assert await nodes[1].get(f"k{i}") == f"v{i}".encode()
 
@@ -120,7 +126,7 @@ async def test_a_leaving_node_hands_over_every_key(make_ring: RingFactory) -> No
 
 
 async def test_bad_keys_and_values_are_refused(make_ring: RingFactory) -> None:
-    (node,) = await make_ring(1, max_key_bytes=8, max_value_bytes=16)
+    (node,) = await make_ring(1, max_key_bytes=8, max_value_bytes=16, **SOLO)
     with pytest.raises(TooLargeError, match="key"):
         await node.put("k" * 9, b"v")
     with pytest.raises(TooLargeError, match="value"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
-from helpers import converge
+from helpers import SOLO, converge
 
 from balancer import hookspecs
 from balancer.config import Config
@@ -100,7 +100,7 @@ async def test_a_plugin_transport_and_strategy_are_chosen_by_name(network: Local
             register("at-zero", lambda config: Everywhere())
 
     pm = plugin_manager(load_entrypoints=False, plugins=[Plugin()])
-    config = Config(transport="loopback", replication="at-zero", load_entrypoints=False)
+    config = Config(transport="loopback", replication="at-zero", load_entrypoints=False, **SOLO)
     async with Node(config, pm=pm) as node:
         await node.put("k", b"v")
         assert await node.get("k") == b"v"

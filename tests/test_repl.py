@@ -7,7 +7,7 @@ import re
 
 import click
 import pluggy
-from helpers import RingFactory
+from helpers import SOLO, RingFactory
 
 from balancer.hookspecs import hookimpl
 from balancer.node import Node
@@ -103,7 +103,7 @@ async def test_a_plugin_adds_a_repl_command(make_ring: RingFactory) -> None:
                 raise RuntimeError("kaput")
 
     pm = plugin_manager(load_entrypoints=False, plugins=[Count()])
-    (node,) = await make_ring(1)
+    (node,) = await make_ring(1, **SOLO)
     await node.put("a1", b"x")
     await node.put("a2", b"x")
     await node.put("b1", b"x")
