@@ -69,7 +69,7 @@ async def test_five_processes_share_keys_survive_a_leave_and_heal_after_kill9(cl
 
 async def _total_records(http: aiohttp.ClientSession, addresses: list[str], expected: int) -> bool:
     views = [await status(http, a) for a in addresses]
-    return sum(v["records"] for v in views if v) == expected
+    return sum(int(v["records"]) for v in views if v) == expected
 
 
 async def _answers(http: aiohttp.ClientSession, address: str) -> bool:
