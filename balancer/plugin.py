@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "balancer.plugins.aiohttp_transport",
     "balancer.plugins.local_transport",
     "balancer.plugins.memory_storage",
+    "balancer.plugins.sqlite_storage",
     "balancer.plugins.replication",
     "balancer.plugins.repl",
 )

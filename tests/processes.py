@@ -68,9 +68,10 @@ class Cluster:
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, *, join: str | None = None, extra: tuple[str, ...] = ()) -> Proc:
-        """Start ``balancer node`` creating a ring (``join=None``) or joining ``join``."""
-        port = free_port()
+    def start(self, *, join: str | None = None, extra: tuple[str, ...] = (), port: int | None = None) -> Proc:
+        """Start ``balancer node`` creating a ring (``join=None``) or joining ``join``, on ``port`` or a
+        free one."""
+        port = port or free_port()
         address = f"127.0.0.1:{port}"
         where = ["--join", join] if join else ["--ring"]
         log = self.tmp / f"node-{port}.log"

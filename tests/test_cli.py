@@ -47,7 +47,7 @@ def test_bad_settings_are_usage_errors() -> None:
     assert "rpc_timeout must be a positive number" in result.output
     unknown = CliRunner().invoke(main, ["node", "--ring", "--storage", "cassandra", "--no-plugins"])
     assert unknown.exit_code == 1
-    assert "no storage named 'cassandra'; available: memory" in unknown.output
+    assert "no storage named 'cassandra'; available: memory, sqlite" in unknown.output
 
 
 def test_unreachable_peers_are_clean_errors() -> None:

@@ -7,8 +7,6 @@ from helpers import SOLO, RingFactory, converge, settle
 
 from balancer.errors import BadRequestError, KeyNotFoundError, TooLargeError
 from balancer.kv import HybridClock
-from balancer.plugins.memory_storage import MemoryStorage
-from balancer.types import Record, Version
 
 
 def test_hybrid_clock_never_repeats_or_goes_back() -> None:
@@ -22,37 +20,6 @@ def test_hybrid_clock_never_repeats_or_goes_back() -> None:
     assert clock.now() > second + 500
     wall[0] = 5000.0
     assert clock.now() == 5_000_000 << 16
-
-
-async def test_memory_storage_keeps_the_greatest_version_and_tombstones() -> None:
-    store = MemoryStorage(bits=64)
-    old, new = Version(1, 9), Version(2, 1)
-    assert await store.put(Record(b"k", b"new", new))
-    assert not await store.put(Record(b"k", b"old", old))  # stale write loses
-    assert (await store.get(b"k")) == Record(b"k", b"new", new)
-    tomb = Record(b"k", None, Version(3, 1))
-    assert await store.put(tomb)
-    assert (await store.get(b"k")) == tomb
-    assert tomb.deleted
-    assert not await store.put(Record(b"k", b"zombie", Version(2, 5)))  # no resurrection
-    assert await store.count() == 1
-    # remove drops only what was not overwritten since
-    await store.put(Record(b"x", b"1", Version(5, 1)))
-    assert await store.remove([Record(b"x", b"1", Version(4, 1))]) == 0
-    assert await store.remove([Record(b"x", b"1", Version(5, 1))]) == 1
-    assert await store.get(b"x") is None
-
-
-async def test_memory_storage_scans_circular_ranges() -> None:
-    store = MemoryStorage(bits=8)
-    for i in range(200):
-        await store.put(Record(f"k{i}".encode(), b"v", Version(1, 1)))
-    everything = [r async for batch in store.scan(batch=7) for r in batch]
-    assert len(everything) == 200
-    low = [r async for batch in store.scan(200, 50) for r in batch]  # wraps past zero
-    high = [r async for batch in store.scan(50, 200) for r in batch]
-    assert len(low) + len(high) == 200
-    assert not {r.key for r in low} & {r.key for r in high}
 
 
 async def test_put_get_delete_across_a_ring(make_ring: RingFactory) -> None:

@@ -34,7 +34,7 @@ from balancer.types import NodeInfo
 def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> None:
     registry = Registry(pm)
     assert set(registry.transports.factories) == {"aiohttp", "local"}
-    assert set(registry.storages.factories) == {"memory"}
+    assert set(registry.storages.factories) == {"memory", "sqlite"}
     assert set(registry.replications.factories) == {"successor", "multi-ring"}
     assert isinstance(registry.storage(Config()), MemoryStorage)
     assert isinstance(registry.transport(Config(transport="local")), LocalTransport)
@@ -42,7 +42,7 @@ def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> Non
 
 def test_unknown_names_list_what_exists(pm: pluggy.PluginManager) -> None:
     registry = Registry(pm)
-    with pytest.raises(PluginError, match=r"no storage named 'redis'; available: memory"):
+    with pytest.raises(PluginError, match=r"no storage named 'redis'; available: memory, sqlite"):
         registry.storage(Config(storage="redis"))
     with pytest.raises(PluginError, match=r"available: aiohttp, local"):
         registry.transport(Config(transport="grpc"))
