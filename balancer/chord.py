@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 Call = Callable[[str, str, Payload, float], Awaitable[Payload]]
 """``call(address, method, payload, timeout)``: a transport's client side."""
 
-_CLOSER = 4  # candidates a node returns per lookup step, so the caller can skip dead ones
-
 
 def _node(value: Any) -> NodeInfo:
     try:
@@ -186,18 +184,23 @@ class Chord:
         else:
             return
         tail = _nodes(state.get("successors", []))
-        raw_pred = state.get("predecessor")
-        candidate = _node(raw_pred) if raw_pred is not None else None
-        if (
-            candidate is not None
-            and candidate != self.info
-            and in_interval(candidate.id, self.info.id, succ.id, self.space.size)
-        ):
-            try:  # adopt only a node that answers (Zave), never a dead or departed one
-                closer = await self._call(candidate.address, "chord.state", {}, self.timeout)
-                succ, tail = candidate, _nodes(closer.get("successors", []))
+        # Adopt the successor's predecessor only if it answers (Zave), never a dead or departed node.
+        # Walking back up to r steps at once lets a node that lost its whole successor list, and fell
+        # back to a far finger, find its true successor in one round instead of one node per round.
+        for _ in range(self.r):
+            raw_pred = state.get("predecessor")
+            candidate = _node(raw_pred) if raw_pred is not None else None
+            if (
+                candidate is None
+                or candidate == self.info
+                or not in_interval(candidate.id, self.info.id, succ.id, self.space.size)
+            ):
+                break
+            try:
+                state = await self._call(candidate.address, "chord.state", {}, self.timeout)
             except PeerUnreachableError:
-                pass
+                break
+            succ, tail = candidate, _nodes(state.get("successors", []))
         self._set_successors(succ, tail)
         if self.successor != self.info:
             await self._notify(self.successor)
@@ -241,7 +244,9 @@ class Chord:
     async def find_successor(self, ident: int) -> Lookup:
         """The node that owns ``ident`` (its successor on the ring), found iteratively.
 
-        Unreachable hops are forgotten and skipped. Raises :class:`RingError` if no route is left.
+        Unreachable hops are forgotten and skipped. The owner is the one the ring names now: if it has
+        just failed and the ring has not noticed yet, the next live entry of ``successors`` takes over
+        its keys. Raises :class:`RingError` if no route is left.
         """
         done = self._answer(ident)
         if done is not None:
@@ -277,7 +282,8 @@ class Chord:
             successors = _nodes(answer.get("successors", []))
             if answer.get("done") and successors:
                 return Lookup(successors[0], hops, tuple(successors))
-            last, last_successors = node, successors
+            if (ident - node.id) % size < (ident - last.id) % size:  # only ever move toward the key
+                last, last_successors = node, successors
             candidates = _nodes(answer.get("closer", [])) + candidates
         raise RingError(f"no route to the owner of {ident:x} from {self.info.address}")
 
@@ -402,7 +408,7 @@ class Chord:
         done = self._answer(ident)
         if done is not None:
             return {"done": True, "successors": [s.to_wire() for s in done]}
-        closer = self._closest_preceding(ident)[:_CLOSER]
+        closer = self._closest_preceding(ident)
         return {
             "done": False,
             "closer": [n.to_wire() for n in closer],

@@ -13,11 +13,11 @@ from balancer.types import NodeInfo
 SPACE = KeySpace(8)
 
 
-async def peer(network: LocalNetwork, ident: int, **kwargs: object) -> Chord:
-    """A Chord node with a fixed id, serving on the network."""
+async def peer(network: LocalNetwork, ident: int, r: int = 3, **kwargs: object) -> Chord:
+    """A Chord node with a fixed id and successor lists of ``r``, serving on the network."""
     transport = LocalTransport(network)
     port = await transport.serve("n", ident + 1, {})
-    chord = Chord(NodeInfo(ident, f"n:{port}"), transport.call, space=SPACE, successors=3, **kwargs)  # type: ignore[arg-type]
+    chord = Chord(NodeInfo(ident, f"n:{port}"), transport.call, space=SPACE, successors=r, **kwargs)  # type: ignore[arg-type]
     network.servers[chord.info.address] = chord.handlers()
     return chord
 
@@ -26,7 +26,7 @@ def link(ring: list[Chord]) -> None:
     """Wire a correct ring by hand: successor lists and predecessors from the sorted ids."""
     ring = sorted(ring, key=lambda c: c.info.id)
     for i, node in enumerate(ring):
-        node.successors = [ring[(i + k) % len(ring)].info for k in range(1, min(3, len(ring) - 1) + 1)]
+        node.successors = [ring[(i + k) % len(ring)].info for k in range(1, min(node.r, len(ring) - 1) + 1)]
         node.predecessor = ring[i - 1].info
 
 
@@ -188,3 +188,23 @@ async def test_fingers_at_64_bits(network: LocalNetwork) -> None:
     await chord.fix_fingers()
     assert all(f == chord.info for f in chord.fingers)  # alone: every finger is itself
     assert chord.view().fingers == ()
+
+
+async def test_lookup_past_five_dead_successors_reaches_the_live_owner(network: LocalNetwork) -> None:
+    nodes = [await peer(network, i, r=8) for i in range(0, 256, 16)]
+    link(nodes)
+    for node in nodes:
+        await node.fix_fingers()
+    for ident in (16, 32, 48, 64, 80):
+        network.kill(f"n:{ident + 1}")
+    found = await nodes[8].find_successor(90)  # from node 128; the owner of 90 is now 96
+    assert found.owner.id == 96
+
+
+async def test_stabilize_walks_back_many_nodes_in_one_round(network: LocalNetwork) -> None:
+    nodes = [await peer(network, i, r=8) for i in range(0, 256, 8)]
+    link(nodes)
+    first = nodes[0]
+    first.successors = [nodes[10].info]  # far ahead, as after falling back to a finger
+    await first.stabilize()
+    assert first.successor == nodes[1].info
