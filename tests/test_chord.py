@@ -205,6 +205,6 @@ async def test_stabilize_walks_back_many_nodes_in_one_round(network: LocalNetwor
     nodes = [await peer(network, i, r=8) for i in range(0, 256, 8)]
     link(nodes)
     first = nodes[0]
-    first.successors = [nodes[10].info]  # far ahead, as after falling back to a finger
+    first.successors = [nodes[9].info]  # eight nodes ahead, as after falling back to a finger
     await first.stabilize()
     assert first.successor == nodes[1].info
