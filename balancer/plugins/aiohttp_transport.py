@@ -8,7 +8,9 @@ status from :data:`STATUS`; the client turns it back into the same balancer erro
 
 from __future__ import annotations
 
+import hmac
 import logging
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +22,7 @@ from aiohttp.typedefs import Handler as WebHandler
 from aiohttp.typedefs import Middleware
 
 from balancer import errors
+from balancer.auth import ReplayGuard, signed_headers
 from balancer.config import Config
 from balancer.errors import (
     BadRequestError,
@@ -28,11 +31,12 @@ from balancer.errors import (
     PeerUnreachableError,
     RemoteError,
     TooLargeError,
+    UnauthorizedError,
     UnknownMethodError,
 )
 from balancer.hookspecs import Handler, Payload, PublicApi, Transport, TransportFactory, hookimpl
 
-__all__ = ["STATUS", "AiohttpTransport", "status_for"]
+__all__ = ["STATUS", "AiohttpTransport", "client_ssl", "server_ssl", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ STATUS: dict[type[BaseException], int] = {
     errors.UnknownMethodError: 404,
     errors.TooLargeError: 413,
     errors.IncompatibleConfigError: 409,
+    errors.UnauthorizedError: 401,
     errors.PeerUnreachableError: 503,
     errors.RingError: 503,
     errors.BalancerError: 500,
@@ -59,6 +64,7 @@ _REBUILD: dict[str, Callable[[str], BalancerError]] = {
         errors.RingError,
         errors.TooLargeError,
         errors.UnknownMethodError,
+        errors.UnauthorizedError,
     )
 }
 _REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removeprefix("not found: "))
@@ -66,6 +72,7 @@ _REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removepr
 _HANDLERS = web.AppKey[Mapping[str, Handler]]("handlers")
 _API = web.AppKey("api", PublicApi)
 _CONFIG = web.AppKey("config", Config)
+_GUARD = web.AppKey("guard", ReplayGuard)
 
 
 def status_for(exc: BaseException) -> int:
@@ -112,11 +119,15 @@ def _body_limit(config: Config) -> int:
 
 async def _rpc(request: web.Request) -> web.Response:
     method = request.match_info["method"]
+    body = await request.read()
+    guard = request.app.get(_GUARD)
+    if guard is not None:  # checked first: an unsigned request learns nothing and changes nothing
+        guard.check(method, request.headers, body)
     handler = request.app[_HANDLERS].get(method)
     if handler is None:
         raise UnknownMethodError(f"unknown method {method!r}")
     try:
-        payload = orjson.loads(await request.read())
+        payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequestError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
@@ -124,7 +135,17 @@ async def _rpc(request: web.Request) -> web.Response:
     return _json(await handler(payload))
 
 
+def _authorize(request: web.Request) -> None:
+    token = request.app[_CONFIG].api_token
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise UnauthorizedError("the API needs 'Authorization: Bearer <token>'")
+
+
 def _key(request: web.Request) -> str:
+    _authorize(request)
     key = request.match_info["key"]
     if not key:
         raise BadRequestError("empty key")
@@ -157,7 +178,24 @@ async def _delete(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
+    _authorize(request)
     return _json(await request.app[_API].status())
+
+
+def server_ssl(config: Config) -> ssl.SSLContext | None:
+    """The TLS context to serve with, if ``tls_cert``/``tls_key`` are set."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def client_ssl(config: Config) -> ssl.SSLContext | None:
+    """The TLS context to call peers with, if ``tls_ca`` is set (peers are verified against it)."""
+    if not config.tls_ca:
+        return None
+    return ssl.create_default_context(cafile=config.tls_ca)
 
 
 @contextmanager
@@ -206,6 +244,7 @@ class AiohttpTransport(Transport):
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._closed = False
+        self._scheme = "https" if client_ssl(self.config) else "http"
 
     async def serve(
         self, host: str, port: int, handlers: Mapping[str, Handler], api: PublicApi | None = None
@@ -216,6 +255,8 @@ class AiohttpTransport(Transport):
         limit = _body_limit(self.config)
         app = web.Application(client_max_size=limit, middlewares=[_error_middleware(body_limit=limit)])
         app[_HANDLERS], app[_CONFIG] = handlers, self.config
+        if self.config.cluster_secret:
+            app[_GUARD] = ReplayGuard(self.config.cluster_secret, self.config.max_clock_skew)
         app.router.add_post("/rpc/{method}", _rpc)
         if api is not None:
             app[_API] = api
@@ -226,7 +267,7 @@ class AiohttpTransport(Transport):
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.config.rpc_timeout)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=server_ssl(self.config)).start()
         return int(runner.addresses[0][1])
 
     # The Transport contract takes a per-call timeout; it becomes the aiohttp request's total timeout.
@@ -239,13 +280,17 @@ class AiohttpTransport(Transport):
         if self._closed:
             raise PeerUnreachableError(address, "this transport is closed")
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.connection_limit)
+            connector = aiohttp.TCPConnector(limit=self.connection_limit, ssl=client_ssl(self.config) or True)
             self._session = aiohttp.ClientSession(connector=connector)
+        body = orjson.dumps(payload)
+        headers = {"Content-Type": "application/json"}
+        if self.config.cluster_secret:
+            headers.update(signed_headers(self.config.cluster_secret, method, body))
         with _reaching(address):
             async with self._session.post(
-                f"http://{address}/rpc/{method}",
-                data=orjson.dumps(payload),
-                headers={"Content-Type": "application/json"},
+                f"{self._scheme}://{address}/rpc/{method}",
+                data=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 status, body = response.status, await response.read()
