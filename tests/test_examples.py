@@ -42,3 +42,16 @@ def test_benchmark_runs_small() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| 10 | random jumps, 100 vn | 1.25 |" in done.stdout
+
+
+def test_lookup_benchmark_runs_small() -> None:
+    script = EXAMPLES.parent / "benchmarks" / "lookup.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--sizes", "64", "--lookups", "200"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| 64 | fingers alone | 200 |" in done.stdout
