@@ -30,6 +30,8 @@ class LocalNetwork:
         self.cut: set[frozenset[str]] = set()
         self.calls: Counter[str] = Counter()
         """RPCs delivered, by method."""
+        self.bytes: Counter[str] = Counter()
+        """Bytes of JSON carried (request and answer), by method; counted when ``wire`` is on."""
         self.failures = 0
         """Calls that failed because the peer was down, gone or cut off (each costs one timeout)."""
         self._ports = itertools.count(1)
@@ -64,7 +66,9 @@ class LocalNetwork:
             raise UnknownMethodError(f"unknown method {method!r}")
         self.calls[method] += 1
         if self.wire:
-            payload = orjson.loads(orjson.dumps(payload))
+            raw = orjson.dumps(payload)
+            self.bytes[method] += len(raw)
+            payload = orjson.loads(raw)
         try:
             result = await handler(payload)
         except BalancerError:
@@ -74,7 +78,12 @@ class LocalNetwork:
         if address not in self.servers:  # the node died while handling the call
             self.failures += 1
             raise PeerUnreachableError(address, "died during the call")
-        return orjson.loads(orjson.dumps(result)) if self.wire else result
+        if not self.wire:
+            return result
+        raw = orjson.dumps(result)
+        self.bytes[method] += len(raw)
+        answer: Payload = orjson.loads(raw)
+        return answer
 
 
 _default = LocalNetwork()
