@@ -237,7 +237,7 @@ class KVService:
         replicas, fallbacks = await self.replica_set(key)
         me = self.chord.info
         ordered = sorted(replicas, key=lambda n: n != me) + fallbacks  # the local copy costs nothing
-        need = min(self.config.read_quorum, len(replicas))
+        need = self.config.read_quorum  # never fewer: a node that lost sight of its peers must not answer
         answers: dict[NodeInfo, Record | None] = {}
         queue = list(ordered)
         running: dict[asyncio.Future[Record | None], NodeInfo] = {}
@@ -254,8 +254,8 @@ class KVService:
                     self._failed(node, future.exception())
         for future in running:
             future.cancel()
-        if len(answers) < need or not answers:
-            raise QuorumError("read", len(answers), max(need, 1))
+        if len(answers) < need:
+            raise QuorumError("read", len(answers), need)
         best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
         if best is not None:
             stale = [n for n, r in answers.items() if r is None or r.version < best.version]
@@ -268,22 +268,32 @@ class KVService:
 
         Returns once W replicas stored it; raises :class:`QuorumError` with how many did otherwise.
         """
-        record = Record(key, value, Version(self.clock.now(), self.chord.info.id))
         replicas, fallbacks = await self.replica_set(key)
         need = self.config.write_quorum
-        acked = await self._replicate([record], replicas, fallbacks, need)
+        for _ in range(3):
+            record = Record(key, value, Version(self.clock.now(), self.chord.info.id))
+            acked, newer = await self._replicate([record], replicas, fallbacks, need)
+            if newer is None:
+                break
+            # A replica holds a greater version: a write another coordinator stamped in the same instant,
+            # or with a clock ahead of ours. Stamp past it and write again, so that a write issued after
+            # another one was acknowledged is never ordered before it.
+            self.clock.observe(newer.timestamp)
         if acked < need:
             raise QuorumError("write", acked, need)
         return record.version
 
     async def _replicate(
         self, records: list[Record], targets: list[NodeInfo], spare: list[NodeInfo], need: int
-    ) -> int:
+    ) -> tuple[int, Version | None]:
         """Send ``records`` to ``targets``, replacing each that fails with the next ``spare``; returns as
         soon as ``need`` acknowledged (the rest finish in the background) or every attempt is over.
+
+        Returns how many acknowledged, and the greatest version a replica refused a record for.
         """
         spare = list(spare)
         acked = 0
+        newest: Version | None = None
         running = {asyncio.ensure_future(self._write_at(node, records)): node for node in targets}
         while running and acked < need:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -291,6 +301,9 @@ class KVService:
                 node = running.pop(future)
                 if future.exception() is None:
                     acked += 1
+                    _, newer = future.result()
+                    if newer is not None and (newest is None or newer > newest):
+                        newest = newer
                     continue
                 self._failed(node, future.exception())
                 if spare:
@@ -298,7 +311,7 @@ class KVService:
                     running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
         for future in running:
             self._in_background(future)
-        return acked
+        return acked, newest
 
     def _in_background(self, work: Any) -> None:
         future = asyncio.ensure_future(work)
@@ -337,10 +350,12 @@ class KVService:
         self.clock.observe(record.version.timestamp)
         return record
 
-    async def _write_at(self, node: NodeInfo, records: list[Record]) -> int:
+    async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
+        """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node == self.chord.info:
             return await self._store(records)
         stored = 0
+        newest: Version | None = None
         for chunk in self._chunks(records):
             answer = await self._call(
                 node.address,
@@ -349,7 +364,10 @@ class KVService:
                 self.config.rpc_timeout * max(1, len(chunk) // 64),
             )
             stored += int(answer.get("stored", 0))
-        return stored
+            if answer.get("newer") is not None:
+                newer = Version.from_wire(answer["newer"])
+                newest = newer if newest is None or newer > newest else newest
+        return stored, newest
 
     def _chunks(self, records: list[Record]) -> list[list[Record]]:
         """Split ``records`` so that no message carries more than one largest value's worth of bytes."""
@@ -365,12 +383,19 @@ class KVService:
             used += size
         return chunks
 
-    async def _store(self, records: list[Record]) -> int:
+    async def _store(self, records: list[Record]) -> tuple[int, Version | None]:
+        """Keep ``records`` here: how many were kept, and the greatest stored version that beat one."""
         stored = 0
+        newest: Version | None = None
         for record in records:
             self.clock.observe(record.version.timestamp)
-            stored += await self.storage.put(record)
-        return stored
+            if await self.storage.put(record):
+                stored += 1
+                continue
+            current = await self.storage.get(record.key)
+            if current is not None and current.version > record.version:
+                newest = current.version if newest is None or current.version > newest else newest
+        return stored, newest
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -435,7 +460,7 @@ class KVService:
                 )
                 wanted = [_unb64(k) for k in answer.get("want", [])]
                 theirs = [_record(r) for r in answer.get("records", [])]
-                report.pulled += await self._store(theirs)
+                report.pulled += (await self._store(theirs))[0]
                 mine = [r for r in [await self.storage.get(k) for k in wanted] if r is not None]
                 if mine:
                     await self._write_at(node, mine)
@@ -453,7 +478,7 @@ class KVService:
         for targets, records in by_target.items():
             if not targets:
                 continue
-            acked = await self._replicate(records, list(targets), [], len(targets))
+            acked, _ = await self._replicate(records, list(targets), [], len(targets))
             if acked == len(targets):
                 confirmed.extend(records)
                 for node in targets:
@@ -469,7 +494,7 @@ class KVService:
         moved = 0
         heirs = [t for t in targets if t != self.chord.info]
         async for batch in self.storage.scan(batch=self.config.handoff_batch):
-            acked = await self._replicate(batch, heirs, [], len(heirs))
+            acked, _ = await self._replicate(batch, heirs, [], len(heirs))
             if acked:
                 moved += await self.storage.remove(batch)
         for target in heirs:
@@ -508,7 +533,8 @@ class KVService:
                 record.value is not None and len(record.value) > self.config.max_value_bytes
             ):
                 raise TooLargeError("a record is over the size limits")
-        return {"stored": await self._store(records)}
+        stored, newer = await self._store(records)
+        return {"stored": stored, "newer": newer.to_wire() if newer else None}
 
     async def _rpc_digests(self, payload: Payload) -> Payload:
         peer = _node(payload.get("node"))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from helpers import SOLO, RingFactory, converge, settle
+import time
 
-from balancer.errors import BadRequestError, KeyNotFoundError, TooLargeError
+import pytest
+from helpers import SOLO, RingFactory, converge, copies, settle
+
+from balancer.errors import BadRequestError, KeyNotFoundError, QuorumError, TooLargeError
 from balancer.kv import HybridClock
+from balancer.plugins.local_transport import LocalNetwork
+from balancer.types import Record, Version
 
 
 def test_hybrid_clock_never_repeats_or_goes_back() -> None:
@@ -109,3 +113,107 @@ async def test_bad_keys_and_values_are_refused(make_ring: RingFactory) -> None:
     assert await node.storage.count() == 0
     await node.put("k" * 8, b"v" * 16)  # exactly at the limits
     assert await node.get("k" * 8) == b"v" * 16
+
+
+async def test_a_read_repairs_a_stale_replica(make_ring: RingFactory) -> None:
+    nodes = await make_ring(5)
+    await nodes[0].put("k", b"old")
+    await settle(nodes)
+    replicas, _ = await nodes[0].kv.replica_set(b"k")
+    holders = [n for n in nodes if n.info in replicas]
+    laggard = holders[-1]
+    # the laggard misses the next write: it holds "old" while the others hold "new"
+    newer = Record(b"k", b"new", Version(nodes[0].kv.clock.now(), nodes[0].info.id))
+    for node in holders[:-1]:
+        await node.storage.put(newer)
+    reader = holders[-1]  # reads ask the local copy first, so the stale one is always among the answers
+    assert await reader.get("k") == b"new"
+    await reader.kv.drain()
+    assert await laggard.storage.get(b"k") == newer
+
+
+async def test_anti_entropy_converges_replicas_without_reads(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(5)
+    await settle(nodes)
+    victim = nodes[2]
+    others = [n for n in nodes if n is not victim]
+    for other in others:  # the victim is cut off while the writes happen
+        network.cut_link(victim.address, other.address)
+    written = 0
+    for i in range(120):
+        try:
+            await others[i % 4].put(f"k{i}", b"v")
+            written += 1
+        except QuorumError:
+            pass
+    assert written == 120  # W = 2 of 3 always reachable among the other four
+    for other in others:
+        network.heal_link(victim.address, other.address)
+    await converge(nodes)  # stabilization finds the victim again
+    before = await victim.storage.count()
+    reports = [await node.kv.maintain() for node in nodes]  # no reads: digests find what differs
+    assert sum(r.pushed for r in reports) > 0
+    assert await victim.storage.count() > before
+    for node in nodes:
+        await node.kv.maintain()  # substitutes drop what the victim now holds
+    counts = await copies(nodes)
+    assert set(counts.values()) == {3}
+    assert len(counts) == 120
+
+
+async def test_old_tombstones_are_collected(make_ring: RingFactory) -> None:
+    nodes = await make_ring(3, tombstone_grace=60.0)
+    await nodes[0].put("gone", b"x")
+    await nodes[0].delete("gone")
+    await settle(nodes)
+    assert set((await copies(nodes)).values()) == {3}  # tombstones are replicated like values
+    old = Record(b"ancient", None, Version(int((time.time() - 120) * 1000) << 16, 1))
+    for node in nodes:
+        await node.storage.put(old)
+    reports = [await node.kv.maintain() for node in nodes]
+    assert all(r.collected == 1 for r in reports)
+    for node in nodes:
+        assert await node.storage.get(b"ancient") is None
+        assert (await node.storage.get(b"gone")) is not None  # younger than the grace period
+
+
+async def test_writes_fail_clearly_without_a_quorum(make_ring: RingFactory, network: LocalNetwork) -> None:
+    nodes = await make_ring(3)
+    for node in nodes[1:]:
+        network.kill(node.address)
+    with pytest.raises(QuorumError, match="write quorum not reached: 1 of 2 replicas answered"):
+        await nodes[0].put("k", b"v")
+    with pytest.raises(QuorumError, match="read quorum not reached"):
+        await nodes[0].get("k")
+
+
+async def test_multi_ring_places_replicas_apart(make_ring: RingFactory) -> None:
+    nodes = await make_ring(8, replication="multi-ring")
+    for i in range(80):
+        await nodes[i % 8].put(f"k{i}", f"v{i}".encode())
+    await settle(nodes)
+    counts = await copies(nodes)
+    assert set(counts.values()) == {3}
+    adjacent = 0
+    ring = sorted(nodes, key=lambda n: n.info.id)
+    for i in range(80):
+        replicas, _ = await nodes[0].kv.replica_set(f"k{i}".encode())
+        assert len(set(replicas)) == 3
+        places = sorted(ring.index(next(n for n in ring if n.info == r)) for r in replicas)
+        adjacent += places == list(range(places[0], places[0] + 3))
+    assert adjacent < 40  # the successor strategy would make all 80 adjacent
+    for i in range(80):
+        assert await nodes[(i + 3) % 8].get(f"k{i}") == f"v{i}".encode()
+
+
+async def test_a_later_write_through_another_node_in_the_same_instant_wins(make_ring: RingFactory) -> None:
+    nodes = await make_ring(4)
+    # the second coordinator's clock is behind: without the refusal-and-restamp rule its write would lose
+    frozen = [1000.0]
+    nodes[1].kv.clock = HybridClock(lambda: frozen[0])
+    await nodes[0].put("k", b"first")
+    await nodes[1].put("k", b"second")
+    for node in nodes:
+        assert await node.get("k") == b"second"

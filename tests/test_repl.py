@@ -78,7 +78,7 @@ async def test_error_paths_answer_with_usage(make_ring: RingFactory, pm: pluggy.
 
 
 async def test_end_of_input_leaves_gracefully(make_ring: RingFactory, pm: pluggy.PluginManager) -> None:
-    nodes = await make_ring(2)
+    nodes = await make_ring(3)
     await nodes[0].put("kept", b"yes")
     await drive(nodes, pm, "get kept\n")
     assert nodes[0].stopped
