@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -264,10 +265,14 @@ def repl(**opts: Any) -> None:
     _start(_config(**opts), opts["join"], True)
 
 
-async def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
+async def _fetch_status(
+    address: str, timeout: float, token: str | None = None, ca: str | None = None
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    scheme, context = ("https", ssl.create_default_context(cafile=ca)) if ca else ("http", None)
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-        session.get(f"http://{address}/status") as response,
+        session.get(f"{scheme}://{address}/status", headers=headers, ssl=context or True) as response,
     ):
         body = await response.read()
         if response.status != 200:
@@ -284,12 +289,16 @@ async def _fetch_status(address: str, timeout: float) -> dict[str, Any]:
 @click.argument("address", callback=_address)
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-def status(address: str, timeout: float, as_json: bool) -> None:
+@click.option("--api-token", envvar="BALANCER_API_TOKEN", help="Bearer token, if the node requires one.")
+@click.option(
+    "--tls-ca", type=click.Path(dir_okay=False, exists=True), help="Use https, verifying against this CA."
+)
+def status(address: str, timeout: float, as_json: bool, api_token: str | None, tls_ca: str | None) -> None:
     """Print the view of the node at ADDRESS (HOST:PORT) as a table."""
     from balancer.plugins.repl import format_status
 
     try:
-        data = asyncio.run(_fetch_status(address, timeout))
+        data = asyncio.run(_fetch_status(address, timeout, api_token, tls_ca))
     except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot reach {address}: {exc or type(exc).__name__}") from exc
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else format_status(data))
@@ -325,30 +334,38 @@ def demo(nodes: int, host: str) -> None:
     logs = tempfile.mkdtemp(prefix="balancer-demo-")
     children: list[subprocess.Popen[bytes]] = []
     first = None
+    # a majority write quorum and R + W > N, on as many replicas as the ring has nodes (at most 3)
+    replicas = min(3, nodes)
+    write_quorum = replicas // 2 + 1
+    read_quorum = replicas - write_quorum + 1
+    quorums = [
+        "--replicas",
+        str(replicas),
+        "--write-quorum",
+        str(write_quorum),
+        "--read-quorum",
+        str(read_quorum),
+    ]
     try:
         for _ in range(nodes - 1):
             port = _free_port(host)
             address = f"{host}:{port}"
             where = ["--ring"] if first is None else ["--join", first]
-            command = [
-                sys.executable,
-                "-m",
-                "balancer",
-                "-v",
-                "node",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                *where,
-            ]
+            command = [sys.executable, "-m", "balancer", "-v", "node", "--host", host, "--port", str(port)]
+            command += [*where, *quorums]
             with open(os.path.join(logs, f"node-{port}.log"), "wb") as log:
                 children.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
             _wait_ready(address, children[-1], time.monotonic() + 20)
             first = first or address
             _say(f"started node {address} (pid {children[-1].pid})")
         _say(f"node logs are in {logs}")
-        config = Config(host=host, port=_free_port(host))
+        config = Config(
+            host=host,
+            port=_free_port(host),
+            replicas=replicas,
+            write_quorum=write_quorum,
+            read_quorum=read_quorum,
+        )
         _start(config, first, True)
     finally:
         for child in children:
