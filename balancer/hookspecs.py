@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -26,11 +27,13 @@ if TYPE_CHECKING:
     import click
 
     from balancer.config import Config
+    from balancer.node import Node
 
 __all__ = [
     "Handler",
     "PublicApi",
     "ReplicationStrategy",
+    "Route",
     "Storage",
     "StorageFactory",
     "Transport",
@@ -49,8 +52,24 @@ Handler = Callable[[Payload], Awaitable[Payload]]
 """An RPC handler: JSON-safe payload in, JSON-safe result out, or a BalancerError raised."""
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An extra HTTP endpoint a plugin serves on every node (``GET /metrics``, say).
+
+    ``handler()`` returns ``(status, content type, body)``; transports without HTTP ignore routes.
+    """
+
+    method: str
+    path: str
+    handler: Callable[[], Awaitable[tuple[int, str, bytes]]]
+
+
 class PublicApi(ABC):
     """What a node offers its clients: the key-value operations and its status, by key text."""
+
+    def routes(self) -> list[Route]:
+        """Extra HTTP endpoints to serve beside the key-value API (none by default)."""
+        return []
 
     @abstractmethod
     async def get(self, key: str) -> bytes:
@@ -233,3 +252,25 @@ def balancer_node_failed(node: NodeInfo, peer: NodeInfo) -> None:
 @hookspec
 def balancer_range_moved(node: NodeInfo, target: NodeInfo, records: int) -> None:
     """``node`` handed ``records`` records to ``target``, which now holds them (confirmed)."""
+
+
+@hookspec
+def balancer_kv_operation(node: NodeInfo, operation: str, seconds: float, ok: bool) -> None:
+    """``node`` served a client's ``get``, ``put`` or ``delete`` in ``seconds``; ``ok`` is false when
+    it raised (a missing key included). Called once per operation: keep it cheap.
+    """
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+
+@hookspec
+def balancer_http_routes(node: Node, register: Callable[[Route], None]) -> None:
+    """Add HTTP endpoints to a node (served by transports that speak HTTP, such as ``aiohttp``).
+
+    Called once when the node starts, just before it serves: the handlers may use the node's whole API,
+    but its address and ring state exist only once :meth:`~balancer.node.Node.start` has returned.
+
+    :param node: the starting node.
+    :param register: call ``register(Route("GET", "/metrics", handler))`` for each endpoint.
+    """

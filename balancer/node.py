@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -26,7 +27,7 @@ import pluggy
 from balancer.chord import Chord
 from balancer.config import Config
 from balancer.errors import BalancerError, PeerUnreachableError, RingError
-from balancer.hookspecs import Handler, Payload, PublicApi, Storage, Transport
+from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Transport
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
@@ -64,6 +65,9 @@ class Node(PublicApi):
         self.storage = storage or self.registry.storage(self.config)
         self.strategy = self.registry.replication(self.config)
         self._handlers: dict[str, Handler] = {}
+        self._routes: list[Route] = []
+        # skip the per-operation hook call entirely when no plugin implements it
+        self._observing = bool(self.pm.hook.balancer_kv_operation.get_hookimpls())
         self._tasks: list[asyncio.Task[None]] = []
         self._random = random.Random(self.config.seed)
         self._membership_changed = asyncio.Event()
@@ -84,6 +88,7 @@ class Node(PublicApi):
         if self.started:
             return self
         self.started = True
+        self.pm.hook.balancer_http_routes(node=self, register=self._routes.append)
         port = await self.transport.serve(self.config.host, self.config.port, self._handlers, api=self)
         address = f"{self.config.advertised}:{port}"
         ident = self.config.node_id if self.config.node_id is not None else self.space.id(address)
@@ -200,11 +205,24 @@ class Node(PublicApi):
 
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`."""
-        return await self.kv.get(key)
+        started = time.perf_counter()
+        try:
+            value = await self.kv.get(key)
+        except BaseException:
+            self._observe("get", started, False)
+            raise
+        self._observe("get", started, True)
+        return value
 
     async def put(self, key: str | bytes, value: bytes) -> None:
         """Store ``value`` under ``key`` on the ring."""
-        await self.kv.put(key, value)
+        started = time.perf_counter()
+        try:
+            await self.kv.put(key, value)
+        except BaseException:
+            self._observe("put", started, False)
+            raise
+        self._observe("put", started, True)
 
     async def put_versioned(self, key: str | bytes, value: bytes) -> Version:
         """Like :meth:`put`, returning the version written."""
@@ -212,7 +230,17 @@ class Node(PublicApi):
 
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
-        await self.kv.delete(key)
+        started = time.perf_counter()
+        try:
+            await self.kv.delete(key)
+        except BaseException:
+            self._observe("delete", started, False)
+            raise
+        self._observe("delete", started, True)
+
+    def routes(self) -> list[Route]:
+        """The HTTP endpoints plugins added to this node."""
+        return list(self._routes)
 
     async def local_records(self) -> list[Record]:
         """The records this node stores itself (tombstones included), in no particular order."""
@@ -239,6 +267,16 @@ class Node(PublicApi):
         return await self.transport.call(address, "node.status", {}, self.config.rpc_timeout)
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _observe(self, operation: str, started: float, ok: bool) -> None:
+        if self._observing:
+            self._emit(
+                "kv_operation",
+                node=self.chord.info,
+                operation=operation,
+                seconds=time.perf_counter() - started,
+                ok=ok,
+            )
 
     async def _rpc_status(self, payload: Payload) -> Payload:
         return await self.status()

@@ -6,16 +6,18 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pluggy
 import pytest
 from helpers import SOLO, converge
 
 from balancer import hookspecs
 from balancer.config import Config
-from balancer.errors import PluginError
+from balancer.errors import KeyNotFoundError, PluginError
 from balancer.hookspecs import (
     ReplicationFactory,
     ReplicationStrategy,
+    Route,
     Storage,
     StorageFactory,
     Transport,
@@ -181,3 +183,34 @@ def test_every_hook_has_a_test() -> None:
     text = "".join(path.read_text() for path in Path(__file__).parent.rglob("test_*.py"))
     untested = sorted(hook for hook in hooks if f"def {hook}(" not in text)
     assert not untested, f"hooks no test implements: {untested}"
+
+
+async def test_plugins_add_http_routes_and_see_every_kv_operation() -> None:
+    operations: list[tuple[str, bool]] = []
+
+    class Metrics:
+        @hookimpl
+        def balancer_http_routes(self, node: Node, register: Callable[[Route], None]) -> None:
+            async def count() -> tuple[int, str, bytes]:
+                records = await node.storage.count()
+                return 200, "text/plain; version=0.0.4; charset=utf-8", f"records {records}\n".encode()
+
+            register(Route("GET", "/metrics", count))
+
+        @hookimpl
+        def balancer_kv_operation(self, node: NodeInfo, operation: str, seconds: float, ok: bool) -> None:
+            assert seconds >= 0
+            operations.append((operation, ok))
+
+    pm = plugin_manager(load_entrypoints=False, plugins=[Metrics()])
+    async with Node(Config(load_entrypoints=False, **SOLO), pm=pm) as node:
+        await node.put("a", b"1")
+        assert await node.get("a") == b"1"
+        with pytest.raises(KeyNotFoundError):
+            await node.get("missing")
+        await node.delete("a")
+        async with aiohttp.ClientSession() as http, http.get(f"http://{node.address}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert await resp.text() == "records 1\n"  # the tombstone of "a"
+    assert operations == [("put", True), ("get", True), ("get", False), ("delete", True)]

@@ -34,7 +34,7 @@ from balancer.errors import (
     UnauthorizedError,
     UnknownMethodError,
 )
-from balancer.hookspecs import Handler, Payload, PublicApi, Transport, TransportFactory, hookimpl
+from balancer.hookspecs import Handler, Payload, PublicApi, Route, Transport, TransportFactory, hookimpl
 
 __all__ = ["STATUS", "AiohttpTransport", "client_ssl", "server_ssl", "status_for"]
 
@@ -198,6 +198,15 @@ def client_ssl(config: Config) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=config.tls_ca)
 
 
+def _serve_route(route: Route) -> WebHandler:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        status, content_type, body = await route.handler()
+        # set as a header: aiohttp's content_type argument refuses parameters such as charset
+        return web.Response(body=body, status=status, headers={"Content-Type": content_type})
+
+    return serve
+
+
 @contextmanager
 def _reaching(address: str) -> Iterator[None]:
     """Turn every way of failing to reach ``address`` into :class:`PeerUnreachableError`."""
@@ -264,6 +273,8 @@ class AiohttpTransport(Transport):
             app.router.add_put("/kv/{key:.*}", _put)
             app.router.add_delete("/kv/{key:.*}", _delete)
             app.router.add_get("/status", _status)
+            for route in api.routes():
+                app.router.add_route(route.method, route.path, _serve_route(route))
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.config.rpc_timeout)
         await runner.setup()
         self._runner = runner
