@@ -55,3 +55,16 @@ def test_lookup_benchmark_runs_small() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| 64 | fingers alone | 200 |" in done.stdout
+
+
+def test_faults_benchmark_runs_small() -> None:
+    script = EXAMPLES.parent / "benchmarks" / "faults.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--nodes", "6", "--keys", "120"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "acknowledged writes lost: 0" in done.stdout

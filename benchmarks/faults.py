@@ -1,0 +1,905 @@
+"""Benchmark: node faults and membership changes on a replicated ring: durability, repair, bytes moved.
+
+Rings of real :class:`balancer.node.Node` objects (key-value service, memory storage, m = 64-bit ids
+drawn from the seed, successor lists of r = 8) run in one process on a ``LocalNetwork(wire=True)``, which
+counts the RPCs and the JSON bytes of every method. Every maintenance interval is an hour, so nothing runs
+by itself: the script drives the protocol in rounds, deterministically. One round is
+
+    check_predecessor + stabilize on every live node (a seeded order), repeated until every successor
+    list and predecessor is right (at most ``--max-sweeps`` times), then fix_fingers on every live node,
+    then kv.drain() + kv.maintain() on every live node (hand-off, repair, digest anti-entropy).
+
+For each replication strategy (``successor``: the key's owner and the next nodes; ``multi-ring``: the
+owners of N independent hashes of the key) with N = 3, W = 2, R = 2, on a ring of ``--nodes`` (16) nodes
+holding ``--keys`` (2,000) keys of ``--value-bytes`` (100) random bytes, it measures:
+
+1. Durability. The keys are written one by one through random nodes; a write that returned without error
+   is acknowledged. Then, *sequential*: one random node is killed (``network.kill``, as kill -9), and rounds
+   run until every key is at exactly N copies among the live nodes (the rounds and wall-clock seconds are
+   the time to full replication after one loss), and on until every copy is on one of the key's true
+   replicas; then a second node is killed and the same is measured (after two losses). *Adjacent pair*:
+   on a fresh ring with the same keys, a random node and its successor are killed at once (N - 1 = 2
+   simultaneous losses, the most N = 3 survives), then the same. Finally every acknowledged key is read
+   through a random live node (quorum read, R = 2): a wrong value, a missing key or a read that raises
+   counts as lost. Right after each kill the table shows how many keys were left below N copies, at one
+   copy, and at none (lost in storage). Rounds are bounded (``--max-rounds``); a ring that never gets
+   every key back to N copies is reported as NOT REACHED.
+2. Bytes per membership change. On a settled ring holding the keys (every copy on a true replica, none
+   elsewhere) one idle round is measured (the steady cost of a round on a correct ring, where no
+   stabilize sweep is needed: fix_fingers lookups, the replica lookups and digests of maintain),
+   then, one after another: one node joins, one leaves gracefully (``await node.leave()``), one crashes
+   (``network.kill``). After each, rounds run until the ring is settled again; the table gives the RPCs,
+   the bytes (all methods, and the ``kv.*`` methods' share), the records carried by ``kv.store`` requests
+   and ``kv.compare`` answers, and the copies that a perfect hand-off had to create (pairs of key and
+   replica that are new in the true placement). The acknowledged keys are read back at the end too.
+
+"True replicas" come from an oracle: the replica-set rule of ``KVService.replica_set`` applied to the
+sorted ids of the live nodes, independent of any node's routing state.
+
+Exit status: 1 if any acknowledged write was lost (in any scenario), else 0. A default run takes about
+15 s on one core of a 2-core machine.
+
+Run: python benchmarks/faults.py [--nodes 16] [--keys 2000] [--value-bytes 100] [--seed S]
+     [--max-rounds 50] [--max-sweeps 60] [--strategies successor,multi-ring]
+     [--json out.json] [--baseline old.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from balancer.config import Config
+from balancer.errors import BalancerError, KeyNotFoundError
+from balancer.hookspecs import Payload, ReplicationStrategy
+from balancer.keyspace import KeySpace
+from balancer.node import Node
+from balancer.plugin import plugin_manager
+from balancer.plugins.local_transport import LocalNetwork, LocalTransport
+from balancer.types import NodeInfo
+
+STRATEGIES = ("successor", "multi-ring")
+N, W, R = 3, 2, 2
+HOUR = 3600.0
+# No maintenance loop fires by itself: the script drives every step (as tests/helpers.py's QUIET does).
+QUIET: dict[str, Any] = {
+    "stabilize_interval": HOUR,
+    "fix_fingers_interval": HOUR,
+    "check_predecessor_interval": HOUR,
+    "anti_entropy_interval": HOUR,
+}
+
+
+# -- the network and what it carried ----------------------------------------------------------------
+
+
+class MeteredNetwork(LocalNetwork):
+    """A ``LocalNetwork(wire=True)`` that also counts the records the ``kv`` RPCs carry."""
+
+    def __init__(self) -> None:
+        super().__init__(wire=True)
+        self.records = 0
+        """Records in delivered ``kv.store`` requests and ``kv.compare`` answers."""
+
+    async def deliver(self, source: str, address: str, method: str, payload: Payload) -> Payload:
+        """Deliver as :class:`LocalNetwork` does, counting the records the call carried."""
+        answer = await super().deliver(source, address, method, payload)
+        if method == "kv.store":
+            self.records += len(payload.get("records", []))
+        elif method == "kv.compare":
+            self.records += len(answer.get("records", []))
+        return answer
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Counters of a :class:`MeteredNetwork` at one moment, or the difference of two moments."""
+
+    calls: int
+    kv_calls: int
+    bytes: int
+    kv_bytes: int
+    records: int
+
+    @classmethod
+    def of(cls, network: MeteredNetwork) -> Traffic:
+        """The network's counters now."""
+        return cls(
+            sum(network.calls.values()),
+            sum(v for k, v in network.calls.items() if k.startswith("kv.")),
+            sum(network.bytes.values()),
+            sum(v for k, v in network.bytes.items() if k.startswith("kv.")),
+            network.records,
+        )
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            self.calls - other.calls,
+            self.kv_calls - other.kv_calls,
+            self.bytes - other.bytes,
+            self.kv_bytes - other.kv_bytes,
+            self.records - other.records,
+        )
+
+
+# -- rings ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ring:
+    """Nodes on one metered network: the live ones, and every one ever started (closed at the end)."""
+
+    network: MeteredNetwork
+    config: Config
+    pm: pluggy.PluginManager
+    ids: random.Random
+    live: list[Node] = field(default_factory=list)
+    made: list[Node] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    """Errors raised by the protocol steps the script drove, by ``step: ErrorName``."""
+
+    @property
+    def strategy(self) -> ReplicationStrategy:
+        """The replication strategy every member uses."""
+        return self.made[0].strategy
+
+    @property
+    def space(self) -> KeySpace:
+        """The identifier space every member uses."""
+        return self.made[0].space
+
+    async def start(self, join: str | None) -> Node:
+        """Start a node with a fresh seeded id, joining through ``join`` (or creating the ring)."""
+        taken = {node.info.id for node in self.made}
+        ident = self.ids.getrandbits(self.config.bits)
+        while ident in taken:  # 64-bit collisions: never in practice, but the id must be unique
+            ident = self.ids.getrandbits(self.config.bits)
+        config = self.config.evolve(node_id=ident, seed=ident)
+        node = Node(config, join=join, pm=self.pm, transport=LocalTransport(self.network))
+        await node.start()
+        self.made.append(node)
+        self.live.append(node)
+        return node
+
+    async def crash(self, node: Node) -> None:
+        """Kill ``node`` as kill -9 would: unreachable at once, its pending background work gone."""
+        self.network.kill(node.address)
+        self.live.remove(node)
+        await node.close()
+
+    async def close(self) -> None:
+        """Close every node ever started."""
+        for node in self.made:
+            await node.close()
+
+
+def base_config(strategy: str) -> Config:
+    """The configuration every node of a ring shares (before its own id and seed)."""
+    return Config(
+        transport="local",
+        load_entrypoints=False,
+        replication=strategy,
+        replicas=N,
+        write_quorum=W,
+        read_quorum=R,
+        **QUIET,
+    )
+
+
+async def build_ring(strategy: str, count: int, seed: int) -> Ring:
+    """``count`` nodes joined one by one through random members, stabilized after each join, converged.
+
+    The ids and join order depend on ``seed`` only, so both strategies get the same ring.
+    """
+    rng = random.Random(f"{seed}/ring")
+    ring = Ring(MeteredNetwork(), base_config(strategy), plugin_manager(load_entrypoints=False), rng)
+    for _ in range(count):
+        await ring.start(rng.choice(ring.live).address if ring.live else None)
+        for _sweep in range(2):
+            for member in ring.live:
+                await step(ring, "stabilize", member.chord.stabilize())
+    await stabilize_until_correct(ring, rng, 10 * count)
+    for node in ring.live:
+        await step(ring, "fix_fingers", node.chord.fix_fingers())
+    return ring
+
+
+async def step(ring: Ring, name: str, work: Awaitable[Any]) -> None:
+    """Await one protocol step; a :class:`BalancerError` is counted (the node's own loop would log it)."""
+    try:
+        await work
+    except BalancerError as exc:
+        ring.errors[f"{name}: {type(exc).__name__}"] += 1
+
+
+def ring_is_correct(nodes: Sequence[Node]) -> bool:
+    """Every node's successor list and predecessor are its true neighbours (copied from tests/helpers)."""
+    ordered = sorted(nodes, key=lambda n: n.info.id)
+    count = len(ordered)
+    for i, node in enumerate(ordered):
+        expected = [
+            ordered[(i + k) % count].info for k in range(1, min(node.config.successors, count - 1) + 1)
+        ]
+        if count == 1:
+            expected = [node.info]
+        if node.chord.successors != expected:
+            return False
+        if count > 1 and node.chord.predecessor != ordered[i - 1].info:
+            return False
+    return True
+
+
+async def stabilize_until_correct(ring: Ring, rng: random.Random, limit: int) -> int:
+    """Sweeps of check_predecessor + stabilize on every live node until the ring is correct.
+
+    Each sweep visits the nodes in a fresh seeded order. Returns the sweeps run (at most ``limit``).
+    """
+    order = list(ring.live)
+    for sweeps in range(limit):
+        if ring_is_correct(ring.live):
+            return sweeps
+        rng.shuffle(order)
+        for node in order:
+            await step(ring, "check_predecessor", node.chord.check_predecessor())
+            await step(ring, "stabilize", node.chord.stabilize())
+    return limit
+
+
+async def repair_round(ring: Ring, rng: random.Random, max_sweeps: int) -> int:
+    """One round (see the module doc); returns the stabilize sweeps it took."""
+    sweeps = await stabilize_until_correct(ring, rng, max_sweeps)
+    for node in ring.live:
+        await step(ring, "fix_fingers", node.chord.fix_fingers())
+    for node in ring.live:
+        await step(ring, "drain", node.kv.drain())
+    for node in ring.live:
+        await step(ring, "maintain", node.kv.maintain())
+    for node in ring.live:  # so that the census after the round sees finished work only
+        await step(ring, "drain", node.kv.drain())
+    return sweeps
+
+
+# -- where the keys are, and where they should be ---------------------------------------------------
+
+
+def true_replicas(ring: Ring, key: bytes) -> frozenset[str]:
+    """The addresses of ``key``'s replicas on a correct ring of the live nodes.
+
+    The rule of ``KVService.replica_set``: for each position the strategy names, the first node of that
+    position's owner and the r - 1 nodes after it that is not chosen yet; then the rest from the last list.
+    """
+    ordered = sorted((node.info for node in ring.live), key=lambda info: info.id)
+    ids = [info.id for info in ordered]
+    count = len(ordered)
+    length = min(ring.config.successors, count)
+    chosen: list[NodeInfo] = []
+    after: list[NodeInfo] = []
+    for position in ring.strategy.positions(key, N, ring.space):
+        first = bisect.bisect_left(ids, position) % count
+        after = [ordered[(first + k) % count] for k in range(length)]
+        pick = next((info for info in after if info not in chosen), None)
+        if pick is not None:
+            chosen.append(pick)
+    for info in after:
+        if len(chosen) >= N:
+            break
+        if info not in chosen:
+            chosen.append(info)
+    return frozenset(info.address for info in chosen[:N])
+
+
+@dataclass(frozen=True, slots=True)
+class Census:
+    """Where the copies of the keys are among the live nodes (stored records, no RPCs)."""
+
+    keys: int
+    """Distinct keys stored anywhere, plus acknowledged keys stored nowhere."""
+    below: int
+    """Keys with fewer than N copies."""
+    one: int
+    """Keys with exactly one copy."""
+    none: int
+    """Acknowledged keys with no live copy of their acknowledged value (lost in storage)."""
+    above: int
+    """Keys with more than N copies."""
+    misplaced: int
+    """Keys whose holders are not exactly their true replicas."""
+    holders: dict[bytes, frozenset[str]]
+
+    @property
+    def at_n(self) -> bool:
+        """Every key has exactly N copies."""
+        return self.below == 0 and self.above == 0
+
+    @property
+    def settled(self) -> bool:
+        """Every key is on exactly its true replicas."""
+        return self.at_n and self.misplaced == 0
+
+
+async def census(ring: Ring, acked: dict[bytes, bytes]) -> Census:
+    """Count the copies of every key among the live nodes and compare them with the true replicas."""
+    holders: dict[bytes, set[str]] = {}
+    good: set[bytes] = set()
+    for node in ring.live:
+        for record in await node.local_records():
+            holders.setdefault(record.key, set()).add(node.address)
+            if record.key in acked and record.value == acked[record.key]:
+                good.add(record.key)
+    keys = set(holders) | set(acked)
+    counts = {key: len(holders.get(key, ())) for key in keys}
+    return Census(
+        keys=len(keys),
+        below=sum(c < N for c in counts.values()),
+        one=sum(c == 1 for c in counts.values()),
+        none=sum(key not in good for key in acked),
+        above=sum(c > N for c in counts.values()),
+        misplaced=sum(frozenset(holders.get(key, ())) != true_replicas(ring, key) for key in keys),
+        holders={key: frozenset(nodes) for key, nodes in holders.items()},
+    )
+
+
+# -- writes, repairs, reads -------------------------------------------------------------------------
+
+
+async def write_keys(
+    ring: Ring, count: int, value_bytes: int, rng: random.Random
+) -> tuple[dict[bytes, bytes], Counter[str]]:
+    """Write ``count`` keys one by one through random live nodes; returns the acknowledged ones (key to
+    value) and the errors of the others.
+    """
+    acked: dict[bytes, bytes] = {}
+    failed: Counter[str] = Counter()
+    for i in range(count):
+        key = f"fault-{i:06d}".encode()
+        value = rng.randbytes(value_bytes)
+        try:
+            await rng.choice(ring.live).kv.put(key, value)
+        except BalancerError as exc:
+            failed[type(exc).__name__] += 1
+            continue
+        acked[key] = value
+    return acked, failed
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """Rounds until every key was at N copies and until every copy was on a true replica (None: not
+    within the bound), the round seconds each took, the stabilize sweeps and the traffic of all rounds.
+    """
+
+    at_n: int | None
+    at_n_s: float
+    settled: int | None
+    settled_s: float
+    sweeps: int
+    traffic: Traffic
+    last: Census
+
+
+async def repair(
+    ring: Ring,
+    acked: dict[bytes, bytes],
+    rng: random.Random,
+    max_rounds: int,
+    max_sweeps: int,
+    min_rounds: int = 0,
+) -> Repair:
+    """Run rounds until every key is on exactly its true replicas (and ``min_rounds`` ran), at most
+    ``max_rounds``.
+
+    The seconds count the rounds only, not the census taken after each.
+    """
+    before = Traffic.of(ring.network)
+    state = await census(ring, acked)
+    at_n: int | None = 0 if state.at_n else None
+    settled: int | None = 0 if state.settled else None
+    elapsed = at_n_s = settled_s = 0.0
+    sweeps = 0
+    done = 0
+    while (settled is None or done < min_rounds) and done < max_rounds:
+        started = time.perf_counter()
+        sweeps += await repair_round(ring, rng, max_sweeps)
+        elapsed += time.perf_counter() - started
+        done += 1
+        state = await census(ring, acked)
+        if at_n is None and state.at_n:
+            at_n, at_n_s = done, elapsed
+        if state.settled:
+            settled, settled_s = done, elapsed
+    return Repair(at_n, at_n_s, settled, settled_s, sweeps, Traffic.of(ring.network) - before, state)
+
+
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """Acknowledged keys read back through random live nodes."""
+
+    ok: int
+    wrong: int
+    missing: int
+    failed: Counter[str]
+
+    @property
+    def lost(self) -> int:
+        """Keys whose acknowledged value could not be read back."""
+        return self.wrong + self.missing + sum(self.failed.values())
+
+
+async def read_back(ring: Ring, acked: dict[bytes, bytes], rng: random.Random) -> Reads:
+    """Read every acknowledged key through a random live node and compare with what was written."""
+    ok = wrong = missing = 0
+    failed: Counter[str] = Counter()
+    for key, value in acked.items():
+        try:
+            got = await rng.choice(ring.live).kv.get(key)
+        except KeyNotFoundError:
+            missing += 1
+            continue
+        except BalancerError as exc:
+            failed[type(exc).__name__] += 1
+            continue
+        if got == value:
+            ok += 1
+        else:
+            wrong += 1
+    for node in ring.live:
+        await step(ring, "drain", node.kv.drain())  # read repair, if any
+    return Reads(ok, wrong, missing, failed)
+
+
+def successor_of(ring: Ring, node: Node) -> Node:
+    """The live node that follows ``node`` on the ring (by id, whatever the routing state says)."""
+    ordered = sorted(ring.live, key=lambda n: n.info.id)
+    return ordered[(ordered.index(node) + 1) % len(ordered)]
+
+
+# -- section 1: durability --------------------------------------------------------------------------
+
+
+def repair_fields(result: Repair) -> dict[str, Any]:
+    """A repair's figures as row fields."""
+    return {
+        "rounds": result.at_n,
+        "seconds": result.at_n_s,
+        "rounds_settled": result.settled,
+        "seconds_settled": result.settled_s,
+        "sweeps": result.sweeps,
+        "repair_bytes": result.traffic.bytes,
+        "repair_kv_bytes": result.traffic.kv_bytes,
+        "end_below": result.last.below,
+        "end_above": result.last.above,
+        "end_misplaced": result.last.misplaced,
+    }
+
+
+def kill_fields(state: Census) -> dict[str, Any]:
+    """How the keys stood right after a kill, as row fields."""
+    return {"below_n": state.below, "one_copy": state.one, "no_copy": state.none}
+
+
+def read_fields(reads: Reads) -> dict[str, Any]:
+    """A read-back's figures as row fields."""
+    return {
+        "read_ok": reads.ok,
+        "read_wrong": reads.wrong,
+        "read_missing": reads.missing,
+        "read_failed": dict(reads.failed),
+        "lost": reads.lost,
+    }
+
+
+async def bench_durability(strategy: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The durability rows of one strategy and one variant (``sequential`` or ``adjacent``)."""
+    ring = await build_ring(strategy, args.nodes, args.seed)
+    # the same writes and victims for both strategies: the seed does not name the strategy
+    rng = random.Random(f"{args.seed}/durability/{variant}")
+    rows: list[dict[str, Any]] = []
+    try:
+        started = time.perf_counter()
+        acked, failed = await write_keys(ring, args.keys, args.value_bytes, rng)
+        common = {
+            "section": "durability",
+            "strategy": strategy,
+            "keys": args.keys,
+            "acked": len(acked),
+            "write_failed": dict(failed),
+            "write_s": time.perf_counter() - started,
+            "max_rounds": args.max_rounds,
+        }
+        if variant == "sequential":
+            for loss in (1, 2):
+                victims = [rng.choice(ring.live)]
+                await ring.crash(victims[0])
+                state = await census(ring, acked)
+                result = await repair(ring, acked, rng, args.max_rounds, args.max_sweeps)
+                rows.append(
+                    {
+                        **common,
+                        "variant": f"sequential, loss {loss}",
+                        "killed": [v.address for v in victims],
+                        "live": len(ring.live),
+                        **kill_fields(state),
+                        **repair_fields(result),
+                    }
+                )
+        else:
+            first = rng.choice(ring.live)
+            victims = [first, successor_of(ring, first)]
+            for victim in victims:  # no step of the protocol runs between the two kills
+                await ring.crash(victim)
+            state = await census(ring, acked)
+            result = await repair(ring, acked, rng, args.max_rounds, args.max_sweeps)
+            rows.append(
+                {
+                    **common,
+                    "variant": "adjacent pair at once",
+                    "killed": [v.address for v in victims],
+                    "live": len(ring.live),
+                    **kill_fields(state),
+                    **repair_fields(result),
+                }
+            )
+        rows[-1].update(read_fields(await read_back(ring, acked, rng)))
+        rows[-1]["step_errors"] = dict(ring.errors)
+    finally:
+        await ring.close()
+    return rows
+
+
+# -- section 2: bytes per membership change ---------------------------------------------------------
+
+
+def copies_moved(before: dict[bytes, frozenset[str]], ring: Ring) -> tuple[int, int]:
+    """Copies a perfect hand-off creates, and drops on live nodes, to go from holders ``before`` to the true
+    placement of the live nodes.
+    """
+    live = {node.address for node in ring.live}
+    created = dropped = 0
+    for key, held in before.items():
+        wanted = true_replicas(ring, key)
+        created += len(wanted - held)
+        dropped += len((held & live) - wanted)  # a dead or departed node's copies vanish by themselves
+    return created, dropped
+
+
+async def bench_membership(strategy: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The membership rows of one strategy: an idle round, then a join, a leave and a crash."""
+    ring = await build_ring(strategy, args.nodes, args.seed)
+    rng = random.Random(f"{args.seed}/membership")
+    rows: list[dict[str, Any]] = []
+    try:
+        acked, failed = await write_keys(ring, args.keys, args.value_bytes, rng)
+        # at least one round: a node's first maintenance pass compares every bucket with every peer (the
+        # peer has no digests from an earlier pass yet), a one-off cost the idle round must not include
+        initial = await repair(ring, acked, rng, args.max_rounds, args.max_sweeps, min_rounds=1)
+        common = {
+            "section": "membership",
+            "strategy": strategy,
+            "acked": len(acked),
+            "max_rounds": args.max_rounds,
+        }
+        rows.append(
+            {
+                **common,
+                "variant": "after the writes: rounds until settled, at least one",
+                "nodes": f"{len(ring.live)}",
+                "copies_created": None,
+                "copies_dropped": None,
+                **repair_fields(initial),
+                **traffic_fields(initial.traffic),
+            }
+        )
+        if initial.settled is None:
+            return rows  # reported as NOT REACHED; the changes below would start from an unsettled ring
+        before = Traffic.of(ring.network)
+        started = time.perf_counter()
+        await repair_round(ring, rng, args.max_sweeps)
+        idle_s = time.perf_counter() - started
+        state = await census(ring, acked)
+        rows.append(
+            {
+                **common,
+                "variant": "none (one idle round)",
+                "nodes": f"{len(ring.live)}",
+                "copies_created": 0,
+                "copies_dropped": 0,
+                "rounds": 1,
+                "seconds": idle_s,
+                "rounds_settled": 1 if state.settled else None,
+                "seconds_settled": idle_s,
+                "sweeps": 0,
+                "end_below": state.below,
+                "end_above": state.above,
+                "end_misplaced": state.misplaced,
+                **traffic_fields(Traffic.of(ring.network) - before),
+            }
+        )
+        for event in ("join", "leave", "crash"):
+            size = len(ring.live)
+            holders = (await census(ring, acked)).holders
+            before = Traffic.of(ring.network)
+            started = time.perf_counter()
+            if event == "join":
+                await ring.start(rng.choice(ring.live).address)
+            elif event == "leave":
+                leaving = rng.choice(ring.live)
+                ring.live.remove(leaving)
+                await leaving.leave()
+            else:
+                await ring.crash(rng.choice(ring.live))
+            change_s = time.perf_counter() - started
+            created, dropped = copies_moved(holders, ring)
+            result = await repair(ring, acked, rng, args.max_rounds, args.max_sweeps)
+            rows.append(
+                {
+                    **common,
+                    "variant": event,
+                    "nodes": f"{size} → {len(ring.live)}",
+                    "copies_created": created,
+                    "copies_dropped": dropped,
+                    **repair_fields(result),
+                    "seconds": result.at_n_s + change_s,
+                    "seconds_settled": result.settled_s + change_s,
+                    **traffic_fields(Traffic.of(ring.network) - before),
+                }
+            )
+        rows[-1].update(read_fields(await read_back(ring, acked, rng)))
+        rows[-1]["write_failed"] = dict(failed)
+        rows[-1]["step_errors"] = dict(ring.errors)
+    finally:
+        await ring.close()
+    return rows
+
+
+def traffic_fields(traffic: Traffic) -> dict[str, Any]:
+    """A traffic difference as row fields."""
+    return {
+        "calls": traffic.calls,
+        "kv_calls": traffic.kv_calls,
+        "bytes": traffic.bytes,
+        "kv_bytes": traffic.kv_bytes,
+        "records": traffic.records,
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """Identifies a row across runs, for baseline comparison."""
+    return f"{row['section']}/{row['strategy']}/{row['variant']}"
+
+
+def table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
+    """Print one Markdown table."""
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for line in lines:
+        print("| " + " | ".join(line) + " |")
+    print(flush=True)
+
+
+def versus(
+    row: dict[str, Any], baseline: dict[str, dict[str, Any]], name: str, fmt: str, scale: float = 1
+) -> list[str]:
+    """The baseline's value of ``name`` (times ``scale``) for this row, as one extra cell (none without a
+    baseline).
+    """
+    if not baseline:
+        return []
+    old = baseline.get(row_key(row))
+    if old is None or old.get(name) is None:
+        return ["-"]
+    return [format(old[name] * scale if scale != 1 else old[name], fmt)]
+
+
+def reached(rounds: int | None, seconds: float, limit: int) -> str:
+    """``3 (0.41 s)``, or that the goal was not reached within ``limit`` rounds."""
+    return f"NOT REACHED in {limit}" if rounds is None else f"{rounds} ({seconds:.2f} s)"
+
+
+def errors(raised: dict[str, int]) -> str:
+    """``RingError x3``-style summary of exceptions, or ``0``."""
+    return ", ".join(f"{name} x{k}" for name, k in sorted(raised.items())) or "0"
+
+
+def kb(count: int) -> str:
+    """Bytes as kB with one decimal."""
+    return f"{count / 1000:,.1f}"
+
+
+def reads_cell(row: dict[str, Any]) -> str:
+    """``ok / wrong / missing / failed`` of the read-back a row carries, or ``-``."""
+    if "read_ok" not in row:
+        return "-"
+    return f"{row['read_ok']:,} / {row['read_wrong']} / {row['read_missing']} / {errors(row['read_failed'])}"
+
+
+def print_durability(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+    """The durability table."""
+    head = [
+        "strategy",
+        "scenario",
+        "acked / written",
+        "live after",
+        "keys < N right after",
+        "at 1 copy",
+        "at 0 copies",
+        "rounds (s) to N copies",
+        "rounds (s) to exact placement",
+        "stabilize sweeps",
+        "repair kB (kv kB)",
+        "read back: ok / wrong / missing / failed",
+        "lost",
+    ] + (["baseline rounds"] if baseline else [])
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r["strategy"],
+                r["variant"],
+                f"{r['acked']:,} / {r['keys']:,}",
+                str(r["live"]),
+                str(r["below_n"]),
+                str(r["one_copy"]),
+                str(r["no_copy"]),
+                reached(r["rounds"], r["seconds"], r["max_rounds"]),
+                reached(r["rounds_settled"], r["seconds_settled"], r["max_rounds"]),
+                str(r["sweeps"]),
+                f"{kb(r['repair_bytes'])} ({kb(r['repair_kv_bytes'])})",
+                reads_cell(r),
+                str(r["lost"]) if "lost" in r else "-",
+                *versus(r, baseline, "rounds", "d"),
+            ]
+        )
+    print(
+        f"### Durability (N = {N}, W = {W}, R = {R}). Keys written through random nodes, then nodes killed "
+        f"(kill -9); one round = stabilize until the ring is correct, fix_fingers, drain + maintain on "
+        f"every live node. Seconds are the rounds' wall-clock time. Lost = acknowledged keys read back "
+        f"wrong, missing, or not at all.\n"
+    )
+    table(head, lines)
+
+
+def print_membership(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+    """The bytes-per-membership-change table."""
+    head = [
+        "strategy",
+        "change",
+        "nodes",
+        "rounds (s) to settled",
+        "RPCs (kv)",
+        "kB moved",
+        "kv kB (share)",
+        "records carried",
+        "copies to create / drop",
+        "kv bytes / copy created",
+        "read back at the end: ok / wrong / missing / failed",
+    ] + (["baseline kB"] if baseline else [])
+    lines = []
+    for r in rows:
+        created = r["copies_created"]
+        lines.append(
+            [
+                r["strategy"],
+                r["variant"],
+                r["nodes"],
+                reached(r["rounds_settled"], r["seconds_settled"], r["max_rounds"]),
+                f"{r['calls']:,} ({r['kv_calls']:,})",
+                kb(r["bytes"]),
+                f"{kb(r['kv_bytes'])} ({r['kv_bytes'] / max(r['bytes'], 1):.0%})",
+                f"{r['records']:,}",
+                "-" if created is None else f"{created:,} / {r['copies_dropped']:,}",
+                f"{r['kv_bytes'] / created:,.0f}" if created else "-",
+                reads_cell(r),
+                *versus(r, baseline, "bytes", ",.1f", scale=1e-3),
+            ]
+        )
+    print(
+        "### Bytes per membership change, on a settled ring (every copy on a true replica, none elsewhere), "
+        "one change after another, each followed by rounds until settled again. kB = JSON bytes of "
+        "requests and answers, all methods (kv share in brackets); records carried = records in kv.store "
+        "requests and kv.compare answers; copies to create / drop = what a perfect hand-off does.\n"
+    )
+    table(head, lines)
+
+
+def summary(strategy: str, rows: list[dict[str, Any]]) -> str:
+    """One line per strategy: writes lost, time to full replication, bytes per change."""
+    mine = [r for r in rows if r["strategy"] == strategy]
+    acked = sum(r["acked"] for r in mine if "lost" in r)
+    lost = sum(r["lost"] for r in mine if "lost" in r)
+    parts = [f"{strategy}: {lost} of {acked:,} acknowledged writes lost"]
+    for r in mine:
+        if r["section"] == "durability":
+            parts.append(
+                f"N copies again {r['variant']}: {reached(r['rounds'], r['seconds'], r['max_rounds'])}"
+            )
+    moved = [
+        f"{r['variant']} {kb(r['bytes'])} kB (kv {kb(r['kv_bytes'])})"
+        for r in mine
+        if r["section"] == "membership" and r["variant"] in ("join", "leave", "crash")
+    ]
+    if moved:
+        parts.append("moved per change: " + ", ".join(moved))
+    return "; ".join(parts)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, baseline: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run both sections for every strategy, printing each table when it is done; returns the rows."""
+    strategies = args.strategies.split(",")
+    durability: list[dict[str, Any]] = []
+    for strategy in strategies:
+        for variant in ("sequential", "adjacent"):
+            durability += await bench_durability(strategy, variant, args)
+    print_durability(durability, baseline)
+    membership: list[dict[str, Any]] = []
+    for strategy in strategies:
+        membership += await bench_membership(strategy, args)
+    print_membership(membership, baseline)
+    return durability + membership
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its tables; returns the process exit status."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=16, help="ring size")
+    parser.add_argument("--keys", type=int, default=2000, help="keys written")
+    parser.add_argument("--value-bytes", type=int, default=100, help="bytes per value")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="replication strategies")
+    parser.add_argument("--max-rounds", type=int, default=50, help="bound on repair rounds per phase")
+    parser.add_argument("--max-sweeps", type=int, default=60, help="bound on stabilize sweeps per round")
+    parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--baseline", help="compare with rows saved by --json")
+    args = parser.parse_args(argv)
+    if args.nodes < N + 2:
+        parser.error(f"--nodes must be at least {N + 2} (two nodes die and N must remain)")
+    for name in args.strategies.split(","):
+        if name not in STRATEGIES:
+            parser.error(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    started = time.perf_counter()
+    print(
+        f"Faults on LocalNetwork(wire=True): {args.nodes} nodes, {args.keys:,} keys of {args.value_bytes} "
+        f"bytes, N = {N}, W = {W}, R = {R}, r = {base_config(STRATEGIES[0]).successors}, seed {args.seed}, "
+        f"Python {sys.version.split()[0]}\n"
+    )
+    baseline: dict[str, dict[str, Any]] = {}
+    if args.baseline:
+        with open(args.baseline) as fh:
+            baseline = {row_key(row): row for row in json.load(fh)}
+    rows = asyncio.run(run(args, baseline))
+    for strategy in args.strategies.split(","):
+        print(summary(strategy, rows))
+    lost = sum(r.get("lost", 0) for r in rows)
+    unreached = [f"{r['strategy']} / {r['variant']}" for r in rows if r["rounds_settled"] is None]
+    if unreached:
+        print(f"NOT settled within {args.max_rounds} rounds: {'; '.join(unreached)}")
+    step_errors = Counter[str]()
+    for r in rows:
+        step_errors.update(r.get("step_errors", {}))
+    print(f"protocol steps that raised: {errors(dict(step_errors))}")
+    print(f"acknowledged writes lost: {lost}")
+    print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
