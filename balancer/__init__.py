@@ -21,11 +21,13 @@ from balancer.keyspace import Key, KeySpace, hash_key, in_interval
 if TYPE_CHECKING:
     from balancer.config import Config
     from balancer.hookspecs import hookimpl
+    from balancer.middleware import BalancedSession, setup_routing
     from balancer.node import Node
     from balancer.types import Lookup, NodeInfo, Record, RingView, Version
 
 __all__ = [
     "DEFAULT_LOAD_FACTOR",
+    "BalancedSession",
     "BoundedLoadBalancer",
     "Config",
     "Key",
@@ -42,14 +44,17 @@ __all__ = [
     "hookimpl",
     "in_interval",
     "parse_load_factor",
+    "setup_routing",
 ]
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BalancedSession": "balancer.middleware",
     "Config": "balancer.config",
     "Node": "balancer.node",
     "hookimpl": "balancer.hookspecs",
+    "setup_routing": "balancer.middleware",
     "Lookup": "balancer.types",
     "NodeInfo": "balancer.types",
     "Record": "balancer.types",

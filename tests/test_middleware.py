@@ -1,0 +1,323 @@
+"""The routing middleware and the balanced client, with real aiohttp servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from balancer import BoundedLoadBalancer, Config, Node
+from balancer.errors import ConfigError
+from balancer.middleware import HOPS_HEADER, BalancedSession, RingRouter, setup_routing
+
+Setup = Callable[[web.Application, str], None]
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Backend:
+    """One application server: records what it served and how many requests it held at once."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.served: list[str] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.gate: asyncio.Event | None = None
+
+    def app(self, setup: Setup | None) -> web.Application:
+        app = web.Application()
+        if setup is not None:
+            setup(app, self.address)
+        app.router.add_get("/items/{key}", self.item)
+        app.router.add_post("/echo/{key}", self.echo)
+        app.router.add_get("/plain", self.plain)
+        return app
+
+    async def item(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        self.served.append(key)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return web.json_response(
+                {"served_by": self.address, "key": key, "hops": request.headers.get(HOPS_HEADER, "0")}
+            )
+        finally:
+            self.in_flight -= 1
+
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Backend": self.address})
+        await response.prepare(request)
+        async for chunk in request.content.iter_chunked(1 << 15):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def plain(self, request: web.Request) -> web.Response:
+        return web.Response(text=f"plain from {self.address}")
+
+
+@asynccontextmanager
+async def servers(count: int, setup: Callable[[list[str]], Setup | None]) -> AsyncIterator[list[Backend]]:
+    """``count`` backends on pre-bound loopback sockets; ``setup(addresses)`` installs routing on each."""
+    sockets = [bound_socket() for _ in range(count)]
+    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    backends = [Backend(a) for a in addresses]
+    runners = []
+    try:
+        for backend, sock in zip(backends, sockets, strict=True):
+            runner = web.AppRunner(backend.app(setup(addresses)))
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            runners.append(runner)
+        yield backends
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        for sock in sockets:
+            sock.close()
+
+
+def by_balancer(addresses: list[str], **options: Any) -> Setup:
+    def install(app: web.Application, me: str) -> None:
+        setup_routing(app, balancer=BoundedLoadBalancer(addresses), local=me, **options)
+
+    return install
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_each_key_reaches_its_owner() -> None:
+    async with servers(3, by_balancer) as backends, aiohttp.ClientSession() as http:
+        reference = BoundedLoadBalancer([b.address for b in backends])
+        for i in range(60):
+            entry = backends[i % 3]
+            status, body = await get_json(http, f"http://{entry.address}/items/user-{i}")
+            assert status == 200
+            assert body["served_by"] == reference.peek(f"user-{i}")
+            assert body["hops"] == ("0" if entry.address == body["served_by"] else "1")
+        # requests without a routing key are served where they arrive
+        async with http.get(f"http://{backends[0].address}/plain") as resp:
+            assert await resp.text() == f"plain from {backends[0].address}"
+
+
+async def refuse(request: web.Request) -> web.Response:
+    """A front door serves nothing itself."""
+    return web.Response(status=500)
+
+
+async def test_a_hot_key_range_stays_within_capacity() -> None:
+    def install(addresses: list[str]) -> Setup | None:
+        return None  # the backends themselves do no routing here
+
+    async with servers(3, install) as backends, aiohttp.ClientSession() as http:
+        gate = asyncio.Event()
+        for backend in backends:
+            backend.gate = gate
+        lb = BoundedLoadBalancer([b.address for b in backends], load_factor=1.25)
+        front = web.Application()
+        setup_routing(front, balancer=lb)  # local=None: a pure front door, everything is forwarded
+        front.router.add_get("/items/{key}", refuse)
+        runner = web.AppRunner(front)
+        await runner.setup()
+        sock = bound_socket()
+        await web.SockSite(runner, sock).start()
+        try:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/items/"
+            hot = ["hot-1", "hot-2", "hot-3"]
+            tasks = [asyncio.ensure_future(get_json(http, url + hot[i % 3])) for i in range(60)]
+            deadline = asyncio.get_running_loop().time() + 20
+            while sum(b.in_flight for b in backends) < 60:  # poll until all 60 are held at the backends
+                assert asyncio.get_running_loop().time() < deadline, [b.in_flight for b in backends]
+                await asyncio.sleep(0.01)
+            capacity = lb.capacity(backends[0].address)
+            loads = lb.loads()
+            gate.set()
+            results = await asyncio.gather(*tasks)
+        finally:
+            await runner.cleanup()
+            sock.close()
+    assert all(status == 200 for status, _ in results)
+    assert capacity == 26  # ceil(1.25 * (60 + 1) / 3)
+    for backend in backends:
+        assert backend.peak <= capacity, [b.peak for b in backends]
+        assert loads[backend.address] == backend.peak
+    assert sum(1 for b in backends if b.peak > 0) == 3  # three hot keys spread over all three
+    assert lb.total_load == 0  # every load released when its request ended
+
+
+async def test_a_dead_owner_gives_502_and_its_load_is_released() -> None:
+    dead = bound_socket()
+    dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()  # nothing listens there any more
+    lbs: list[BoundedLoadBalancer] = []
+
+    def install(addresses: list[str]) -> Setup:
+        def setup(app: web.Application, me: str) -> None:
+            lb = BoundedLoadBalancer([*addresses, dead_address])
+            lbs.append(lb)
+            setup_routing(app, balancer=lb, local=me, timeout=5)
+
+        return setup
+
+    async with servers(2, install) as backends, aiohttp.ClientSession() as http:
+        owned_by_dead = next(f"k{i}" for i in range(1000) if lbs[0].peek(f"k{i}") == dead_address)
+        async with http.get(f"http://{backends[0].address}/items/{owned_by_dead}") as resp:
+            assert resp.status == 502
+            error = (await resp.json())["error"]
+            assert error["type"] == "BadGateway"
+            assert dead_address in error["message"]
+        status, _ = await get_json(http, f"http://{backends[0].address}/items/k-alive")
+        assert status in (200, 502)
+    assert all(lb.total_load == 0 for lb in lbs)
+
+
+async def test_streaming_bodies_arrive_intact() -> None:
+    async with servers(3, by_balancer) as backends, aiohttp.ClientSession() as http:
+        payload = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)  # 5 MiB
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 100_000):
+                yield payload[i : i + 100_000]
+
+        for key in ("a", "b", "c", "d"):
+            async with http.post(f"http://{backends[0].address}/echo/{key}", data=chunks()) as resp:
+                assert resp.status == 200
+                assert await resp.read() == payload
+                assert resp.headers["X-Backend"] == BoundedLoadBalancer([b.address for b in backends]).peek(
+                    key
+                )
+
+
+async def test_the_loop_guard_stops_a_forwarding_loop() -> None:
+    def install(addresses: list[str]) -> Setup:
+        def setup(app: web.Application, me: str) -> None:
+            other = next(a for a in addresses if a != me)  # each server thinks the other owns everything
+            setup_routing(app, balancer=BoundedLoadBalancer([other]), local=me, max_hops=3)
+
+        return setup
+
+    async with servers(2, install) as backends, aiohttp.ClientSession() as http:
+        status, body = await get_json(http, f"http://{backends[0].address}/items/anything")
+    assert status == 508
+    assert body["error"]["type"] == "LoopDetected"
+    assert "forwarded 3 times" in body["error"]["message"]
+    assert backends[0].served == backends[1].served == []
+
+
+async def test_redirect_mode_answers_307_to_the_owner() -> None:
+    async with servers(3, lambda a: by_balancer(a, mode="redirect")) as backends:
+        reference = BoundedLoadBalancer([b.address for b in backends])
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):
+                key = f"r{i}"
+                owner = reference.peek(key)
+                entry = next(b for b in backends if b.address != owner)
+                async with http.get(f"http://{entry.address}/items/{key}?x=1", allow_redirects=False) as resp:
+                    assert resp.status == 307
+                    assert resp.headers["Location"] == f"http://{owner}/items/{key}?x=1"
+                async with http.get(f"http://{entry.address}/items/{key}") as followed:
+                    assert (await followed.json())["served_by"] == owner
+
+
+async def test_a_slow_owner_gives_504() -> None:
+    def install(addresses: list[str]) -> Setup:
+        def setup(app: web.Application, me: str) -> None:
+            setup_routing(app, balancer=BoundedLoadBalancer(addresses), local=me, timeout=0.3)
+
+        return setup
+
+    async with servers(2, install) as backends, aiohttp.ClientSession() as http:
+        reference = BoundedLoadBalancer([b.address for b in backends])
+        key = next(f"s{i}" for i in range(100) if reference.peek(f"s{i}") == backends[1].address)
+        backends[1].gate = asyncio.Event()  # never set: the owner holds the request
+        status, body = await get_json(http, f"http://{backends[0].address}/items/{key}")
+        backends[1].gate.set()
+    assert status == 504
+    assert body["error"]["type"] == "GatewayTimeout"
+
+
+async def test_routing_by_a_ring_node() -> None:
+    config = Config(
+        load_entrypoints=False, stabilize_interval=0.05, replicas=1, write_quorum=1, read_quorum=1
+    )
+    nodes: list[Node] = []
+    try:
+        for _ in range(3):
+            node = Node(config, join=nodes[0].address if nodes else None)
+            nodes.append(await node.start())
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(len(n.view().successors) < 2 for n in nodes):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        app_of: dict[str, str] = {}
+
+        def install(addresses: list[str]) -> Setup:
+            app_of.update({n.address: a for n, a in zip(nodes, addresses, strict=True)})
+
+            def setup(app: web.Application, me: str) -> None:
+                node = next(n for n in nodes if app_of[n.address] == me)
+                setup_routing(app, node=node, backend_url=lambda address: f"http://{app_of[address]}")
+
+            return setup
+
+        async with servers(3, install) as backends, aiohttp.ClientSession() as http:
+            for i in range(30):
+                key = f"ring-{i}"
+                owner = (await nodes[0].lookup(key)).owner.address
+                status, body = await get_json(http, f"http://{backends[i % 3].address}/items/{key}")
+                assert status == 200
+                assert body["served_by"] == app_of[owner]
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_balanced_session_retries_the_next_candidate() -> None:
+    dead = bound_socket()
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    async with servers(2, lambda a: None) as backends:
+        urls = [f"http://{b.address}" for b in backends]
+        async with BalancedSession([dead_url, *urls], retries=2) as client:
+            first_choice_dead = [
+                k for k in (f"u{i}" for i in range(200)) if client.balancer.peek(k) == dead_url
+            ]
+            assert first_choice_dead
+            for key in first_choice_dead[:10]:
+                async with client.get(f"/items/{key}", key=key) as resp:
+                    assert resp.status == 200
+                    assert f"http://{(await resp.json())['served_by']}" in urls
+                    assert client.balancer.total_load == 1  # held while the response is open
+            assert client.balancer.total_load == 0
+    async with BalancedSession([dead_url], retries=1) as lonely:
+        with pytest.raises(aiohttp.ClientConnectionError, match="every backend tried"):
+            async with lonely.get("/items/x", key="x"):
+                pass
+        assert lonely.balancer.total_load == 0
+
+
+def test_router_arguments_are_checked() -> None:
+    with pytest.raises(ConfigError, match="exactly one"):
+        RingRouter()
+    with pytest.raises(ConfigError, match="mode"):
+        RingRouter(balancer=BoundedLoadBalancer(["a"]), mode="teleport")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_hops"):
+        RingRouter(balancer=BoundedLoadBalancer(["a"]), max_hops=0)
