@@ -8,10 +8,11 @@ backends, where the load is the number of requests in flight. If the owner is th
 handled here; otherwise it is proxied to the owner (bodies streamed both ways, hop-by-hop headers
 stripped) or, in ``"redirect"`` mode, answered with 307 to the owner.
 
-Every forwarded request carries ``X-Balancer-Hops``; one that has already been forwarded ``max_hops``
-times is refused with 508 instead of being passed on again, so two servers that disagree about an owner
-cannot bounce a request forever. An owner that cannot be reached gives 502, one that does not answer in
-time 504, both with a JSON error saying which.
+Every forwarded request carries ``X-Balancer-Hops``. With a balancer, the server that forwards a request
+has made the choice (and counts its load), so the receiver serves it. With a ring, a receiver whose view
+names another owner forwards again, but a request already forwarded ``max_hops`` times is refused with
+508, so two servers that disagree about an owner cannot bounce a request forever. An owner that cannot be
+reached gives 502, one that does not answer in time 504, both with a JSON error saying which.
 
 Client side: :class:`BalancedSession` sends each request to the backend chosen by bounded-load consistent
 hashing of its key, and retries on the key's next candidate when a backend fails.
@@ -162,6 +163,9 @@ class RingRouter:
             hops_done = int(hops) if hops.isdigit() else 0
             local = self.local if self.local is not None or self.node is None else self.node.address
             if self.balancer is not None:
+                if hops_done and self.local is not None:
+                    # the server that forwarded it chose this one, counting the load there: serve it
+                    return await handler(request)
                 return await self._balanced(request, handler, key, local, hops_done)
             try:
                 owner = await self.owner(key)

@@ -31,6 +31,27 @@ def test_ring_basics_example() -> None:
     assert "after the others left, the first node holds: ['city:0', 'city:1', 'city:2']" in out
 
 
+def test_ring_events_example() -> None:
+    out = run_example("ring_events.py")
+    assert "as a new neighbour" in out
+    assert "left" in out
+    assert "stopped trusting" in out
+    assert "handed" in out
+
+
+def test_routed_app_example() -> None:
+    out = run_example("routed_app.py")
+    assert "same owners through another backend: True" in out
+    assert "90 concurrent requests for one hot user were served by 3 backends" in out
+
+
+def test_p2p_directory_example() -> None:
+    out = run_example("p2p_directory.py")
+    assert "python: ['ana', 'bo', 'cy', 'di']" in out
+    assert "rust: ['cy']" in out
+    assert "after bo's node left, python: ['ana', 'bo', 'cy', 'di']" in out
+
+
 def test_benchmark_runs_small() -> None:
     script = EXAMPLES.parent / "benchmarks" / "bounded.py"
     done = subprocess.run(

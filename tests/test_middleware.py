@@ -7,13 +7,13 @@ import hashlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer import BoundedLoadBalancer, Config, Node
+from balancer import BoundedLoadBalancer, Config, Lookup, Node, NodeInfo
 from balancer.errors import ConfigError
 from balancer.middleware import HOPS_HEADER, BalancedSession, RingRouter, setup_routing
 
@@ -206,11 +206,22 @@ async def test_streaming_bodies_arrive_intact() -> None:
                 )
 
 
+class Disagreeing:
+    """Stands in for a ring node whose view names another server as the owner of every key."""
+
+    def __init__(self, me: str, other: str) -> None:
+        self.address = me
+        self.other = other
+
+    async def lookup(self, key: str) -> Lookup:
+        return Lookup(NodeInfo(1, self.other), 1)
+
+
 async def test_the_loop_guard_stops_a_forwarding_loop() -> None:
     def install(addresses: list[str]) -> Setup:
         def setup(app: web.Application, me: str) -> None:
             other = next(a for a in addresses if a != me)  # each server thinks the other owns everything
-            setup_routing(app, balancer=BoundedLoadBalancer([other]), local=me, max_hops=3)
+            setup_routing(app, node=cast(Node, Disagreeing(me, other)), max_hops=3)
 
         return setup
 
@@ -220,6 +231,20 @@ async def test_the_loop_guard_stops_a_forwarding_loop() -> None:
     assert body["error"]["type"] == "LoopDetected"
     assert "forwarded 3 times" in body["error"]["message"]
     assert backends[0].served == backends[1].served == []
+
+
+async def test_a_forwarded_request_is_served_where_the_balancer_sent_it() -> None:
+    def install(addresses: list[str]) -> Setup:
+        def setup(app: web.Application, me: str) -> None:
+            other = next(a for a in addresses if a != me)
+            setup_routing(app, balancer=BoundedLoadBalancer([other]), local=me)
+
+        return setup
+
+    async with servers(2, install) as backends, aiohttp.ClientSession() as http:
+        status, body = await get_json(http, f"http://{backends[0].address}/items/anything")
+    assert status == 200
+    assert body == {"served_by": backends[1].address, "key": "anything", "hops": "1"}
 
 
 async def test_redirect_mode_answers_307_to_the_owner() -> None:
