@@ -486,19 +486,38 @@ class KVService:
         if confirmed:
             report.handed_off += await self.storage.remove(confirmed)
 
-    async def hand_off_all(self, targets: Iterable[NodeInfo]) -> int:
-        """Leaving: push every local record to each of ``targets`` (the successors), then drop them.
+    async def hand_off_all(self, successors: Iterable[NodeInfo]) -> int:
+        """Leaving: give every local record to the nodes that replicate it once this node is gone, and
+        drop it when they all confirmed. Returns how many records were dropped.
 
-        Records are dropped only if at least one target confirmed them; returns how many were dropped.
+        A record's heirs are its replica set without this node, completed by the next fallback. Records
+        whose replica set cannot be looked up go to ``successors`` instead (dropped once one confirmed).
         """
-        moved = 0
-        heirs = [t for t in targets if t != self.chord.info]
+        me = self.chord.info
+        placement = _Placement(self.chord)
+        by_heirs: dict[tuple[NodeInfo, ...], list[Record]] = {}
         async for batch in self.storage.scan(batch=self.config.handoff_batch):
-            acked, _ = await self._replicate(batch, heirs, [], len(heirs))
-            if acked:
-                moved += await self.storage.remove(batch)
-        for target in heirs:
-            self._emit("range_moved", node=self.chord.info, target=target, records=moved)
+            for record in batch:
+                try:
+                    replicas, fallbacks = await self.replica_set(record.key, placement)
+                    heirs = [n for n in replicas if n != me] + [n for n in fallbacks if n != me][:1]
+                    heirs = heirs[: self.config.replicas]
+                except RingError:
+                    heirs = []
+                by_heirs.setdefault(tuple(heirs), []).append(record)
+        moved = 0
+        fallback = [s for s in successors if s != me]
+        for chosen, records in by_heirs.items():
+            targets = list(chosen) or fallback
+            if not targets:
+                continue
+            for i in range(0, len(records), self.config.handoff_batch):
+                chunk = records[i : i + self.config.handoff_batch]
+                acked, _ = await self._replicate(chunk, targets, [], len(targets))
+                if acked == len(targets) or (not chosen and acked):
+                    moved += await self.storage.remove(chunk)
+                    for target in targets:
+                        self._emit("range_moved", node=me, target=target, records=len(chunk))
         return moved
 
     @staticmethod
