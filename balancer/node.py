@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -205,24 +205,13 @@ class Node(PublicApi):
 
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`."""
-        started = time.perf_counter()
-        try:
-            value = await self.kv.get(key)
-        except BaseException:
-            self._observe("get", started, False)
-            raise
-        self._observe("get", started, True)
-        return value
+        with self._observed("get"):
+            return await self.kv.get(key)
 
     async def put(self, key: str | bytes, value: bytes) -> None:
         """Store ``value`` under ``key`` on the ring."""
-        started = time.perf_counter()
-        try:
+        with self._observed("put"):
             await self.kv.put(key, value)
-        except BaseException:
-            self._observe("put", started, False)
-            raise
-        self._observe("put", started, True)
 
     async def put_versioned(self, key: str | bytes, value: bytes) -> Version:
         """Like :meth:`put`, returning the version written."""
@@ -230,13 +219,8 @@ class Node(PublicApi):
 
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
-        started = time.perf_counter()
-        try:
+        with self._observed("delete"):
             await self.kv.delete(key)
-        except BaseException:
-            self._observe("delete", started, False)
-            raise
-        self._observe("delete", started, True)
 
     def routes(self) -> list[Route]:
         """The HTTP endpoints plugins added to this node."""
@@ -268,15 +252,19 @@ class Node(PublicApi):
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _observe(self, operation: str, started: float, ok: bool) -> None:
-        if self._observing:
-            self._emit(
-                "kv_operation",
-                node=self.chord.info,
-                operation=operation,
-                seconds=time.perf_counter() - started,
-                ok=ok,
-            )
+    @contextlib.contextmanager
+    def _observed(self, operation: str) -> Iterator[None]:
+        """Report the operation's duration and outcome to the ``balancer_kv_operation`` hook."""
+        if not self._observing:
+            yield
+            return
+        started, ok = time.perf_counter(), False
+        try:
+            yield
+            ok = True
+        finally:
+            seconds = time.perf_counter() - started
+            self._emit("kv_operation", node=self.chord.info, operation=operation, seconds=seconds, ok=ok)
 
     async def _rpc_status(self, payload: Payload) -> Payload:
         return await self.status()

@@ -7,14 +7,20 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BENCHMARKS = EXAMPLES.parent / "benchmarks"
+
+
+def run_script(path: Path, *args: str) -> str:
+    """Run a script in a fresh interpreter; it must exit 0. Returns what it printed."""
+    done = subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def run_example(name: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return run_script(EXAMPLES / name)
 
 
 def test_bounded_loads_example() -> None:
@@ -53,39 +59,15 @@ def test_p2p_directory_example() -> None:
 
 
 def test_benchmark_runs_small() -> None:
-    script = EXAMPLES.parent / "benchmarks" / "bounded.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--keys", "2000", "--nodes", "10", "--factors", "1.25"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "| 10 | random jumps, 100 vn | 1.25 |" in done.stdout
+    out = run_script(BENCHMARKS / "bounded.py", "--keys", "2000", "--nodes", "10", "--factors", "1.25")
+    assert "| 10 | random jumps, 100 vn | 1.25 |" in out
 
 
 def test_lookup_benchmark_runs_small() -> None:
-    script = EXAMPLES.parent / "benchmarks" / "lookup.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--sizes", "64", "--lookups", "200"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "| 64 | fingers alone | 200 |" in done.stdout
+    out = run_script(BENCHMARKS / "lookup.py", "--sizes", "64", "--lookups", "200")
+    assert "| 64 | fingers alone | 200 |" in out
 
 
 def test_faults_benchmark_runs_small() -> None:
-    script = EXAMPLES.parent / "benchmarks" / "faults.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--nodes", "6", "--keys", "120"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "acknowledged writes lost: 0" in done.stdout
+    out = run_script(BENCHMARKS / "faults.py", "--nodes", "6", "--keys", "120")
+    assert "acknowledged writes lost: 0" in out
