@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -42,6 +42,10 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     return value
 
 
+def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_address(ctx, param, value) or value for value in values)
+
+
 def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``node`` and ``repl``."""
     options = [
@@ -55,7 +59,13 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on."),
         click.option("--address", help="Host name other nodes reach this one at (default: --host)."),
         click.option("--ring", is_flag=True, help="Create a new ring."),
-        click.option("--join", metavar="HOST:PORT", callback=_address, help="Join the ring of this node."),
+        click.option(
+            "--join",
+            metavar="HOST:PORT",
+            multiple=True,
+            callback=_addresses,
+            help="Join the ring of this node; repeat to name several seeds, tried in order.",
+        ),
         click.option(
             "--successors",
             type=click.IntRange(1, 64),
@@ -163,8 +173,10 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(**opts: Any) -> Config:
-    if opts["ring"] == bool(opts["join"]):
-        raise click.UsageError("give exactly one of --ring (create a ring) or --join HOST:PORT")
+    if not opts["ring"] and not opts["join"]:
+        raise click.UsageError(
+            "give --ring (create a ring) or --join HOST:PORT (or both: join if a seed answers)"
+        )
     secret = opts["cluster_secret"]
     if opts["cluster_secret_file"] is not None:
         secret = opts["cluster_secret_file"].read().strip()
@@ -204,13 +216,14 @@ def _say(text: str) -> None:
     click.echo(f"{_BANNER} {text}")
 
 
-async def _run(config: Config, join: str | None, repl: bool) -> None:
+async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone: bool) -> None:
     """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
     pm = plugin_manager(load_entrypoints=config.load_entrypoints)
-    node = Node(config, join=join, pm=pm)
+    node = Node(config, join=join, create_if_alone=create_if_alone, pm=pm)
     await node.start()
     _say(
-        f"node {node.address} id {node.info.id:016x} " + (f"joined via {join}" if join else "created a ring")
+        f"node {node.address} id {node.info.id:016x} "
+        + (f"joined via {node.bootstrap}" if node.bootstrap else "created a ring")
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -230,9 +243,9 @@ async def _run(config: Config, join: str | None, repl: bool) -> None:
         _say(f"node {node.address} left the ring")
 
 
-def _start(config: Config, join: str | None, repl: bool) -> None:
+def _start(config: Config, join: Sequence[str], repl: bool, create_if_alone: bool = False) -> None:
     try:
-        asyncio.run(_run(config, join, repl))
+        asyncio.run(_run(config, join, repl, create_if_alone))
     except BalancerError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # the port is taken, the interface does not exist
@@ -255,14 +268,14 @@ def main(verbose: int) -> None:
 @click.option("--cli", "with_cli", is_flag=True, help="Open the REPL on this node.")
 def node(with_cli: bool, **opts: Any) -> None:
     """Run a ring node; with --cli, also the REPL. SIGINT/SIGTERM leave the ring gracefully."""
-    _start(_config(**opts), opts["join"], with_cli)
+    _start(_config(**opts), opts["join"], with_cli, create_if_alone=opts["ring"])
 
 
 @main.command()
 @_node_options
 def repl(**opts: Any) -> None:
     """Run a ring node with the REPL (as ``node --cli``)."""
-    _start(_config(**opts), opts["join"], True)
+    _start(_config(**opts), opts["join"], True, create_if_alone=opts["ring"])
 
 
 async def _fetch_status(
@@ -366,7 +379,7 @@ def demo(nodes: int, host: str) -> None:
             write_quorum=write_quorum,
             read_quorum=read_quorum,
         )
-        _start(config, first, True)
+        _start(config, [first] if first else [], True)
     finally:
         for child in children:
             if child.poll() is None:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,8 +41,12 @@ log = logging.getLogger(__name__)
 class Node(PublicApi):
     """One member of a balancer ring; an async context manager.
 
-    ``join`` is the address (``host:port``) of any member of an existing ring; without it the node
-    creates a new ring. ``transport`` and ``storage`` may be given as objects (tests, simulations);
+    ``join`` is the address (``host:port``) of any member of an existing ring, or several such seeds,
+    tried in order until one answers; without it the node creates a new ring. With ``create_if_alone``
+    the node creates a ring when no seed answers (a first node restarting after its peers moved on, for
+    example); otherwise that is an error.
+
+    ``transport`` and ``storage`` may be given as objects (tests, simulations);
     otherwise the plugins named in ``config`` make them. ``pm`` is the plugin manager to use (a new one
     with the built-in plugins, plus entry points if ``config.load_entrypoints``, by default).
     """
@@ -51,13 +55,17 @@ class Node(PublicApi):
         self,
         config: Config | None = None,
         *,
-        join: str | None = None,
+        join: str | Sequence[str] | None = None,
+        create_if_alone: bool = False,
         pm: pluggy.PluginManager | None = None,
         transport: Transport | None = None,
         storage: Storage | None = None,
     ) -> None:
         self.config = config or Config()
-        self.bootstrap = join
+        self.seeds = [join] if isinstance(join, str) else list(join or [])
+        self.create_if_alone = create_if_alone
+        self.bootstrap: str | None = None
+        """The seed the node joined through (None: it created the ring)."""
         self.pm = pm or plugin_manager(load_entrypoints=self.config.load_entrypoints)
         self.registry = Registry(self.pm)
         self.space = KeySpace(self.config.bits)
@@ -108,10 +116,7 @@ class Node(PublicApi):
         self._handlers.update(self._kv.handlers())
         self._handlers["node.status"] = self._rpc_status
         try:
-            if self.bootstrap:
-                await chord.join(self.bootstrap)
-            else:
-                chord.create()
+            await self._join_or_create(chord)
         except BaseException:
             await self.close()
             raise
@@ -123,6 +128,24 @@ class Node(PublicApi):
         ]
         log.info("%s: %s", info, f"joined through {self.bootstrap}" if self.bootstrap else "created a ring")
         return self
+
+    async def _join_or_create(self, chord: Chord) -> None:
+        unreachable: list[PeerUnreachableError] = []
+        for seed in self.seeds:
+            try:
+                await chord.join(seed)
+            except PeerUnreachableError as exc:  # a settings or auth refusal is final; a dead seed is not
+                unreachable.append(exc)
+                continue
+            self.bootstrap = seed
+            return
+        if unreachable and not self.create_if_alone:
+            raise (
+                unreachable[-1]
+                if len(unreachable) == 1
+                else RingError(f"no seed answered: {', '.join(str(e) for e in unreachable)}")
+            )
+        chord.create()
 
     async def leave(self) -> None:
         """Leave the ring gracefully: hand every record to the successor, tell the neighbours, stop.

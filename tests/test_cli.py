@@ -25,12 +25,10 @@ def test_help_lists_the_commands() -> None:
         assert flag in node_help
 
 
-def test_node_needs_exactly_one_of_ring_and_join() -> None:
+def test_node_needs_ring_or_join() -> None:
     neither = CliRunner().invoke(main, ["node", "--port", "0"])
     assert neither.exit_code == 2
-    assert "exactly one of --ring" in neither.output
-    both = CliRunner().invoke(main, ["node", "--ring", "--join", "127.0.0.1:9"])
-    assert both.exit_code == 2
+    assert "give --ring (create a ring) or --join HOST:PORT" in neither.output
 
 
 def test_bad_addresses_are_usage_errors() -> None:
@@ -59,3 +57,8 @@ def test_unreachable_peers_are_clean_errors() -> None:
     assert join.exit_code == 1
     assert f"Error: 127.0.0.1:{port}" in join.output
     assert "Traceback" not in join.output
+    seeds = CliRunner().invoke(
+        main, ["node", "--join", f"127.0.0.1:{port}", "--join", f"127.0.0.1:{port + 1}"]
+    )
+    assert seeds.exit_code == 1
+    assert "no seed answered" in seeds.output

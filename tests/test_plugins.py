@@ -13,7 +13,7 @@ from helpers import SOLO, converge
 
 from balancer import hookspecs
 from balancer.config import Config
-from balancer.errors import KeyNotFoundError, PluginError
+from balancer.errors import KeyNotFoundError, PeerUnreachableError, PluginError
 from balancer.hookspecs import (
     ReplicationFactory,
     ReplicationStrategy,
@@ -214,3 +214,22 @@ async def test_plugins_add_http_routes_and_see_every_kv_operation() -> None:
             assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             assert await resp.text() == "records 1\n"  # the tombstone of "a"
     assert operations == [("put", True), ("get", True), ("get", False), ("delete", True)]
+
+
+async def test_seeds_are_tried_in_order_and_a_lone_first_node_can_create(network: LocalNetwork) -> None:
+    config = Config(transport="local", load_entrypoints=False, **SOLO)
+    pm = plugin_manager(load_entrypoints=False)
+    async with Node(config, pm=pm, transport=LocalTransport(network)) as first:
+        dead = "127.0.0.1:9"
+        async with Node(
+            config, join=[dead, first.address], pm=pm, transport=LocalTransport(network)
+        ) as second:
+            assert second.bootstrap == first.address
+        alone = Node(config, join=[dead], pm=pm, transport=LocalTransport(network))
+        with pytest.raises(PeerUnreachableError):
+            await alone.start()
+        async with Node(
+            config, join=[dead], create_if_alone=True, pm=pm, transport=LocalTransport(network)
+        ) as new:
+            assert new.bootstrap is None
+            assert new.view().successors == (new.info,)
