@@ -71,3 +71,8 @@ def test_lookup_benchmark_runs_small() -> None:
 def test_faults_benchmark_runs_small() -> None:
     out = run_script(BENCHMARKS / "faults.py", "--nodes", "6", "--keys", "120")
     assert "acknowledged writes lost: 0" in out
+
+
+def test_http_benchmarks_parse_their_options() -> None:
+    for script in ("middleware.py", "http_kv.py"):
+        assert "--seconds" in run_script(BENCHMARKS / script, "--help")
