@@ -248,7 +248,7 @@ class Chord:
         just failed and the ring has not noticed yet, the next live entry of ``successors`` takes over
         its keys. Raises :class:`RingError` if no route is left.
         """
-        done = self._answer(ident)
+        done = self._answer(ident) or self._answer_locally(ident)
         if done is not None:
             return Lookup(done[0], 0, tuple(done))
         candidates = self._closest_preceding(ident)
@@ -297,6 +297,24 @@ class Chord:
             if len(self.successors) < self.r and self.info not in self.successors:
                 return [*self.successors, self.info]
             return list(self.successors)
+        return None
+
+    def _answer_locally(self, ident: int) -> list[NodeInfo] | None:
+        """The owner of ``ident`` and the nodes after it, from this node's own state, when it knows them:
+        ``ident`` is its own (between its predecessor and itself), or the ring is small enough that the
+        successor list wraps around to this node, so the whole ring is known in order.
+        """
+        size = self.space.size
+        if self.predecessor is not None and in_interval(
+            ident, self.predecessor.id, self.info.id, size, right_closed=True
+        ):
+            return [self.info, *self.successors]
+        if len(self.successors) >= self.r or self.successor == self.info:
+            return None  # the list does not wrap: nodes past its end are unknown here
+        ring = [self.info, *self.successors]
+        for i, node in enumerate(ring):
+            if in_interval(ident, ring[i - 1].id, node.id, size, right_closed=True):
+                return ring[i:] + ring[:i]
         return None
 
     def _closest_preceding(self, ident: int) -> list[NodeInfo]:

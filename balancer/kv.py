@@ -236,10 +236,11 @@ class KVService:
         """
         replicas, fallbacks = await self.replica_set(key)
         me = self.chord.info
-        ordered = sorted(replicas, key=lambda n: n != me) + fallbacks  # the local copy costs nothing
         need = self.config.read_quorum  # never fewer: a node that lost sight of its peers must not answer
         answers: dict[NodeInfo, Record | None] = {}
-        queue = list(ordered)
+        if me in replicas:  # the local copy costs no message: read it first, without a task
+            answers[me] = await self.storage.get(key)
+        queue = [n for n in replicas if n != me] + fallbacks
         running: dict[asyncio.Future[Record | None], NodeInfo] = {}
         while len(answers) < need and (queue or running):
             while queue and len(running) + len(answers) < need:

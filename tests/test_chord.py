@@ -123,11 +123,15 @@ async def test_hops_are_counted(network: LocalNetwork) -> None:
     link(nodes)
     for node in nodes:
         await node.fix_fingers()
-    found = await nodes[0].find_successor(250)
-    assert found.owner.id == 0  # wraps around
+    found = await nodes[0].find_successor(130)
+    assert found.owner.id == 136
     assert 1 <= found.hops <= 5  # log2(32) = 5
     near = await nodes[0].find_successor(5)
     assert near.hops == 0
+    own = await nodes[0].find_successor(250)  # between its predecessor (248) and itself: no message
+    assert own.owner.id == 0
+    assert own.hops == 0
+    assert [n.id for n in own.successors[:3]] == [0, 8, 16]
 
 
 async def test_join_refuses_other_settings(network: LocalNetwork) -> None:
@@ -208,3 +212,15 @@ async def test_stabilize_walks_back_many_nodes_in_one_round(network: LocalNetwor
     first.successors = [nodes[9].info]  # eight nodes ahead, as after falling back to a finger
     await first.stabilize()
     assert first.successor == nodes[1].info
+
+
+async def test_a_small_ring_answers_every_lookup_locally(network: LocalNetwork) -> None:
+    nodes = [await peer(network, i, r=8) for i in (10, 100, 200)]
+    link(nodes)
+    before = sum(network.calls.values())
+    for ident, owner in ((50, 100), (150, 200), (250, 10), (5, 10), (100, 100)):
+        found = await nodes[0].find_successor(ident)
+        assert found.owner.id == owner
+        assert found.hops == 0
+        assert len(found.successors) == 3
+    assert sum(network.calls.values()) == before
