@@ -72,8 +72,6 @@ from middleware import (
     write_json,
 )
 
-from balancer import KeySpace, in_interval
-
 HERE = Path(__file__).resolve()
 GET_TARGET = 0.5
 """GET requests/s over bare's that the mission asks for."""
@@ -111,28 +109,6 @@ def ring_formed(addresses: Sequence[str]) -> bool:
         if status["predecessor"] is None or set(status["successors"][: len(others)]) != others:
             return False
     return True
-
-
-def answered_locally(addresses: Sequence[str], keys: Sequence[str]) -> float:
-    """The share of ``keys`` whose owner the first node finds without asking another node.
-
-    A Chord lookup is answered locally only for ids between the node and its successor; every other key
-    costs the entry node a ``chord.find_step`` RPC before the read or write itself.
-    """
-    ids = {}
-    for address in addresses:
-        reply = http_get(f"http://{address}/status")
-        if reply is None or reply[0] != 200:
-            raise BenchError(f"{address} gave no status")
-        ids[address] = int(json.loads(reply[1])["id"], 16)
-    ring = sorted(ids.values())
-    me = ids[addresses[0]]
-    successor = ring[(ring.index(me) + 1) % len(ring)]
-    space = KeySpace(64)
-    inside = sum(
-        in_interval(space.id(k.encode()), me, successor, space.size, right_closed=True) for k in keys
-    )
-    return inside / len(keys)
 
 
 async def prewrite(address: str, keys: Sequence[str], value: bytes, timeout: float) -> None:
@@ -228,10 +204,8 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
             check_value(address, keys[-1], value)
         watch = {"entry node": nodes[:1], "other nodes": nodes[1:]}
         quorums = "N=3 W=2 R=2"
-        local = answered_locally(addresses, keys)
         for method in ("GET", "PUT"):
             rows.append(make_row("3-node ring", method, quorums, run(entry, method, watch)))
-            rows[-1]["local_lookups"] = local
         fleet.check()
 
     bare_rps = rows[0]["rps"]
@@ -315,12 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_rows(rows, baseline)
     for line in caveats(rows, row_key):
         print(line)
-    local = next((r["local_lookups"] for r in rows if "local_lookups" in r), None)
-    if local is not None:
-        print(
-            f"3-node ring: the entry node finds the owner of {local:.0%} of the keys itself; each other key "
-            "costs it a chord.find_step RPC first\n"
-        )
     print_targets(rows)
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
     write_json(args.json, rows)
