@@ -165,6 +165,7 @@ class KVService:
         self._emit = emit or (lambda event, **kwargs: None)
         self._background: set[asyncio.Future[Any]] = set()
         self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
+        self._placed = False  # whether a maintenance pass has filled _shared yet
         self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
@@ -429,6 +430,7 @@ class KVService:
                         misplaced.append((record, replicas))
             report.collected = await self.storage.remove(expired) if expired else 0
             self._shared = {node.address: buckets for node, buckets in shared.items()}
+            self._placed = True
             for node, buckets in shared.items():
                 await self._sync_with(node, buckets, report)
             await self._hand_off(misplaced, report)
@@ -561,6 +563,8 @@ class KVService:
         theirs = payload.get("digests")
         if not isinstance(theirs, dict):
             raise BadRequestError("'digests' must be an object")
+        if not self._placed:  # no pass yet: nothing to compare with, and every bucket would look different
+            return {"differ": []}
         mine = self._shared.get(peer.address, {})
         buckets = {str(b) for b in mine} | set(theirs)
         differ = [b for b in buckets if theirs.get(b) != self._digest(mine.get(int(b), {}))]
