@@ -74,6 +74,9 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+_BUFFERED = 1 << 16  # upstream bodies up to this size (with a Content-Length) are sent back in one piece
+
+
 def default_key(request: web.Request) -> str | None:
     """The ``key`` path parameter, else the ``X-Balancer-Key`` header, else None (handled locally)."""
     return request.match_info.get("key") or request.headers.get(KEY_HEADER)
@@ -104,6 +107,7 @@ class RingRouter:
     :param mode: ``"proxy"`` forwards the request; ``"redirect"`` answers 307 to the owner.
     :param timeout: seconds a forwarded request may take in all.
     :param max_hops: forwards allowed before a request is refused with 508.
+    :param connections: most connections open to all owners together.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class RingRouter:
         mode: Literal["proxy", "redirect"] = "proxy",
         timeout: float = 30.0,
         max_hops: int = 2,
+        connections: int = 256,
     ) -> None:
         if (node is None) == (balancer is None):
             raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
@@ -132,6 +137,7 @@ class RingRouter:
         self.mode = mode
         self.timeout = timeout
         self.max_hops = max_hops
+        self.connections = connections
         self._session: aiohttp.ClientSession | None = None
 
     async def owner(self, key: str) -> str:
@@ -143,7 +149,8 @@ class RingRouter:
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """``app.cleanup_ctx`` entry: one client session for the application's life."""
-        self._session = aiohttp.ClientSession(auto_decompress=False)
+        connector = aiohttp.TCPConnector(limit=self.connections)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         try:
             yield
         finally:
@@ -217,8 +224,16 @@ class RingRouter:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as upstream:
+                headers = _forwardable(upstream.headers)
+                size = upstream.content_length
+                if size is not None and size <= _BUFFERED:
+                    # small and sized: one response, one write, instead of headers and body apart
+                    payload = await upstream.read()
+                    return web.Response(
+                        status=upstream.status, reason=upstream.reason, body=payload, headers=headers
+                    )
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.update(_forwardable(upstream.headers))
+                response.headers.update(headers)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(1 << 16):
                     await response.write(chunk)
