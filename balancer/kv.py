@@ -121,6 +121,54 @@ class Maintenance:
     """Peers that did not answer."""
 
 
+class _ReadBatcher:
+    """Reads of one peer asked in the same turn of the event loop travel in one ``kv.read_many`` RPC.
+
+    Under load many client requests wait on the same replica at once; one message for all of them
+    spreads the cost of an HTTP request over the batch. A lone read goes out on the next turn, alone.
+    """
+
+    def __init__(self, call: Call, address: str, timeout: float) -> None:
+        self._call = call
+        self._address = address
+        self._timeout = timeout
+        self._pending: list[tuple[bytes, asyncio.Future[Record | None]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def read(self, key: bytes) -> asyncio.Future[Record | None]:
+        """A future for ``key``'s record at the peer (None if it has none)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Record | None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((key, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[bytes, asyncio.Future[Record | None]]]) -> None:
+        try:
+            answer = await self._call(
+                self._address, "kv.read_many", {"keys": [_b64(key) for key, _ in batch]}, self._timeout
+            )
+            records = answer.get("records")
+            if not isinstance(records, list) or len(records) != len(batch):
+                raise BadRequestError(f"{self._address} answered kv.read_many with a malformed list")
+            results = [None if raw is None else _record(raw) for raw in records]
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), record in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(record)
+
+
 class _Placement:
     """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
@@ -166,6 +214,7 @@ class KVService:
         self._background: set[asyncio.Future[Any]] = set()
         self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
         self._placed = False  # whether a maintenance pass has filled _shared yet
+        self._readers: dict[str, _ReadBatcher] = {}
         self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
@@ -344,12 +393,14 @@ class KVService:
     async def _read_at(self, node: NodeInfo, key: bytes) -> Record | None:
         if node == self.chord.info:
             return await self.storage.get(key)
-        answer = await self._call(node.address, "kv.read", {"key": _b64(key)}, self.config.rpc_timeout)
-        raw = answer.get("record")
-        if raw is None:
-            return None
-        record = _record(raw)
-        self.clock.observe(record.version.timestamp)
+        batcher = self._readers.get(node.address)
+        if batcher is None:
+            batcher = self._readers[node.address] = _ReadBatcher(
+                self._call, node.address, self.config.rpc_timeout
+            )
+        record = await batcher.read(key)
+        if record is not None:
+            self.clock.observe(record.version.timestamp)
         return record
 
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
@@ -536,6 +587,7 @@ class KVService:
         """The RPC methods this service adds to the node, by name."""
         return {
             "kv.read": self._rpc_read,
+            "kv.read_many": self._rpc_read_many,
             "kv.store": self._rpc_store,
             "kv.digests": self._rpc_digests,
             "kv.compare": self._rpc_compare,
@@ -544,6 +596,13 @@ class KVService:
     async def _rpc_read(self, payload: Payload) -> Payload:
         record = await self.storage.get(_unb64(payload.get("key")))
         return {"record": record.to_wire() if record else None}
+
+    async def _rpc_read_many(self, payload: Payload) -> Payload:
+        keys = payload.get("keys")
+        if not isinstance(keys, list) or len(keys) > 4096:
+            raise BadRequestError("'keys' must be a list of at most 4096 base64 keys")
+        found = [await self.storage.get(_unb64(k)) for k in keys]
+        return {"records": [r.to_wire() if r else None for r in found]}
 
     async def _rpc_store(self, payload: Payload) -> Payload:
         raw = payload.get("records")
