@@ -169,6 +169,65 @@ class _ReadBatcher:
                 future.set_result(record)
 
 
+class _StoreBatcher:
+    """Single-record writes to one peer made in the same turn of the event loop travel in one
+    ``kv.store`` RPC (split so that no message carries more than one largest value's worth of bytes)."""
+
+    def __init__(self, call: Call, address: str, config: Config) -> None:
+        self._call = call
+        self._address = address
+        self._timeout = config.rpc_timeout
+        self._budget = config.max_value_bytes + config.max_key_bytes
+        self._pending: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def store(self, record: Record) -> asyncio.Future[tuple[bool, Version | None]]:
+        """A future for (kept, the greater version the peer holds if it refused the record)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, Version | None]] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((record, future))
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]] = []
+        used = 0
+        for entry in pending:
+            size = len(entry[0].key) + len(entry[0].value or b"")
+            if batch and used + size > self._budget:
+                self._start(batch)
+                batch, used = [], 0
+            batch.append(entry)
+            used += size
+        if batch:
+            self._start(batch)
+
+    def _start(self, batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]]) -> None:
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]]) -> None:
+        try:
+            answer = await self._call(
+                self._address, "kv.store", {"records": [r.to_wire() for r, _ in batch]}, self._timeout
+            )
+            each = answer.get("each")
+            if not isinstance(each, list) or len(each) != len(batch):
+                raise BadRequestError(f"{self._address} answered kv.store without a result per record")
+            results = [(bool(kept), None if raw is None else Version.from_wire(raw)) for kept, raw in each]
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
 class _Placement:
     """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
@@ -215,6 +274,7 @@ class KVService:
         self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
         self._placed = False  # whether a maintenance pass has filled _shared yet
         self._readers: dict[str, _ReadBatcher] = {}
+        self._writers: dict[str, _StoreBatcher] = {}
         self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
@@ -407,6 +467,12 @@ class KVService:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node == self.chord.info:
             return await self._store(records)
+        if len(records) == 1:  # a client write or a repair: share the message with others of this turn
+            writer = self._writers.get(node.address)
+            if writer is None:
+                writer = self._writers[node.address] = _StoreBatcher(self._call, node.address, self.config)
+            kept, newer = await writer.store(records[0])
+            return int(kept), newer
         stored = 0
         newest: Version | None = None
         for chunk in self._chunks(records):
@@ -438,17 +504,22 @@ class KVService:
 
     async def _store(self, records: list[Record]) -> tuple[int, Version | None]:
         """Keep ``records`` here: how many were kept, and the greatest stored version that beat one."""
-        stored = 0
-        newest: Version | None = None
+        results = await self._store_each(records)
+        newer = [v for _, v in results if v is not None]
+        return sum(kept for kept, _ in results), max(newer, default=None)
+
+    async def _store_each(self, records: list[Record]) -> list[tuple[bool, Version | None]]:
+        """Keep each record unless a greater version is stored: (kept, the greater version if refused)."""
+        results: list[tuple[bool, Version | None]] = []
         for record in records:
             self.clock.observe(record.version.timestamp)
             if await self.storage.put(record):
-                stored += 1
+                results.append((True, None))
                 continue
             current = await self.storage.get(record.key)
-            if current is not None and current.version > record.version:
-                newest = current.version if newest is None or current.version > newest else newest
-        return stored, newest
+            greater = current is not None and current.version > record.version
+            results.append((False, current.version if greater and current else None))
+        return results
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -614,8 +685,13 @@ class KVService:
                 record.value is not None and len(record.value) > self.config.max_value_bytes
             ):
                 raise TooLargeError("a record is over the size limits")
-        stored, newer = await self._store(records)
-        return {"stored": stored, "newer": newer.to_wire() if newer else None}
+        results = await self._store_each(records)
+        newer = [v for _, v in results if v is not None]
+        return {
+            "stored": sum(kept for kept, _ in results),
+            "newer": max(newer).to_wire() if newer else None,
+            "each": [[kept, v.to_wire() if v else None] for kept, v in results],
+        }
 
     async def _rpc_digests(self, payload: Payload) -> Payload:
         peer = _node(payload.get("node"))
