@@ -657,16 +657,11 @@ class KVService:
     def handlers(self) -> dict[str, Handler]:
         """The RPC methods this service adds to the node, by name."""
         return {
-            "kv.read": self._rpc_read,
             "kv.read_many": self._rpc_read_many,
             "kv.store": self._rpc_store,
             "kv.digests": self._rpc_digests,
             "kv.compare": self._rpc_compare,
         }
-
-    async def _rpc_read(self, payload: Payload) -> Payload:
-        record = await self.storage.get(_unb64(payload.get("key")))
-        return {"record": record.to_wire() if record else None}
 
     async def _rpc_read_many(self, payload: Payload) -> Payload:
         keys = payload.get("keys")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -109,7 +110,9 @@ async def test_bad_keys_and_values_are_refused(make_ring: RingFactory) -> None:
     with pytest.raises(BadRequestError):
         await node.kv.handlers()["kv.store"]({"records": [{"key": "!!", "value": None, "version": [1, 1]}]})
     with pytest.raises(BadRequestError):
-        await node.kv.handlers()["kv.read"]({"key": 5})
+        await node.kv.handlers()["kv.read_many"]({"keys": [5]})
+    with pytest.raises(BadRequestError):
+        await node.kv.handlers()["kv.read_many"]({"keys": "nope"})
     assert await node.storage.count() == 0
     await node.put("k" * 8, b"v" * 16)  # exactly at the limits
     assert await node.get("k" * 8) == b"v" * 16
@@ -217,3 +220,18 @@ async def test_a_later_write_through_another_node_in_the_same_instant_wins(make_
     await nodes[1].put("k", b"second")
     for node in nodes:
         assert await node.get("k") == b"second"
+
+
+async def test_concurrent_requests_to_one_peer_share_messages(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3)
+    keys = [f"c{i}" for i in range(60)]
+    stores = network.calls["kv.store"]
+    await asyncio.gather(*(nodes[0].put(key, key.encode()) for key in keys))
+    # 60 writes, each to two remote replicas: batched, far fewer than 120 messages
+    assert network.calls["kv.store"] - stores <= 10
+    reads = network.calls["kv.read_many"]
+    values = await asyncio.gather(*(nodes[0].get(key) for key in keys))
+    assert values == [key.encode() for key in keys]
+    assert network.calls["kv.read_many"] - reads <= 10
