@@ -19,11 +19,18 @@ same code runs over aiohttp and over the in-process network of a simulation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from balancer.errors import BadRequestError, IncompatibleConfigError, PeerUnreachableError, RingError
+from balancer.errors import (
+    BadRequestError,
+    BalancerError,
+    IncompatibleConfigError,
+    PeerUnreachableError,
+    RingError,
+)
 from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
 from balancer.types import Lookup, NodeInfo, RingView
@@ -85,6 +92,8 @@ class Chord:
         self.successor_shortcut = successor_shortcut
         self.predecessor: NodeInfo | None = None
         self.successors: list[NodeInfo] = [info]
+        self.wraps = True
+        """Whether the successor list came back around to this node: then it names the whole ring."""
         self.fingers: list[NodeInfo | None] = [None] * self.space.bits
         self.left = False
         self._call = call
@@ -119,6 +128,7 @@ class Chord:
         """Start a new ring with this node as its only member."""
         self.predecessor = None
         self.successors = [self.info]
+        self.wraps = True
         self.fingers = [None] * self.space.bits
         self.left = False
 
@@ -144,6 +154,8 @@ class Chord:
         self.create()
         self._set_successors(owner, successors[1:])
         await self._notify(self.successor)
+        with contextlib.suppress(BalancerError):  # one round now: learn the successor's own list at once
+            await self.stabilize()
         return Lookup(owner, int(answer.get("hops", 0)), tuple(successors))
 
     async def leave(self) -> None:
@@ -294,7 +306,7 @@ class Chord:
         then the last of the nodes after the owner.
         """
         if in_interval(ident, self.info.id, self.successor.id, self.space.size, right_closed=True):
-            if len(self.successors) < self.r and self.info not in self.successors:
+            if self.wraps and self.info not in self.successors:
                 return [*self.successors, self.info]
             return list(self.successors)
         return None
@@ -309,8 +321,8 @@ class Chord:
             ident, self.predecessor.id, self.info.id, size, right_closed=True
         ):
             return [self.info, *self.successors]
-        if len(self.successors) >= self.r or self.successor == self.info:
-            return None  # the list does not wrap: nodes past its end are unknown here
+        if not self.wraps or self.successor == self.info:
+            return None  # nodes past the end of the list are unknown here
         ring = [self.info, *self.successors]
         for i, node in enumerate(ring):
             if in_interval(ident, ring[i - 1].id, node.id, size, right_closed=True):
@@ -338,14 +350,17 @@ class Chord:
     def _set_successors(self, first: NodeInfo, tail: Iterable[NodeInfo]) -> None:
         """Successor list = ``first`` then ``tail``, cut at this node itself, without repeats, r long."""
         fresh: list[NodeInfo] = []
+        wraps = False
         for node in (first, *tail):
             if node == self.info:
+                wraps = True  # the list came back around: the ring has no other members
                 break
             if node not in fresh:
                 fresh.append(node)
             if len(fresh) == self.r:
                 break
         fresh = fresh or [self.info]
+        self.wraps = wraps
         for node in fresh:
             if node not in self.successors:
                 self._on_event("joined", node)
@@ -366,6 +381,7 @@ class Chord:
         known = node in self.successors or node == self.predecessor or node in self.fingers
         self.fingers = [None if f == node else f for f in self.fingers]
         if node in self.successors:
+            self.wraps = False  # entries were removed: the list no longer names the whole ring
             self.successors = [s for s in self.successors if s != node]
             if not self.successors:  # every successor is gone: the closest live finger, else ourselves
                 self.successors = [self.info]
@@ -418,6 +434,7 @@ class Chord:
             self._on_event("joined", node)
             if self.successor == self.info:  # alone until now: the newcomer is also our successor
                 self._set_successors(node, [])
+                self.wraps = True  # and the ring is the two of us
         return {}
 
     async def _rpc_find_step(self, payload: Payload) -> Payload:

@@ -96,6 +96,7 @@ def wire(ring: Sequence[Chord]) -> None:
     count = len(ordered)
     for i, node in enumerate(ordered):
         node.successors = [ordered[(i + k) % count].info for k in range(1, min(R, count - 1) + 1)]
+        node.wraps = count - 1 <= R  # the list names the whole ring only when it is that small
         node.predecessor = ordered[i - 1].info
 
 

@@ -27,6 +27,7 @@ def link(ring: list[Chord]) -> None:
     ring = sorted(ring, key=lambda c: c.info.id)
     for i, node in enumerate(ring):
         node.successors = [ring[(i + k) % len(ring)].info for k in range(1, min(node.r, len(ring) - 1) + 1)]
+        node.wraps = len(ring) - 1 <= node.r
         node.predecessor = ring[i - 1].info
 
 
@@ -86,6 +87,7 @@ async def test_every_successor_dead_falls_back_to_a_finger(network: LocalNetwork
     a, b, c, d = [await peer(network, i) for i in (10, 100, 200, 250)]
     link([a, b, c, d])
     a.successors = [b.info]
+    a.wraps = False
     a.fingers[7] = c.info
     network.kill(b.info.address)
     await a.stabilize()
@@ -210,6 +212,7 @@ async def test_stabilize_walks_back_many_nodes_in_one_round(network: LocalNetwor
     link(nodes)
     first = nodes[0]
     first.successors = [nodes[9].info]  # eight nodes ahead, as after falling back to a finger
+    first.wraps = False
     await first.stabilize()
     assert first.successor == nodes[1].info
 
@@ -224,3 +227,15 @@ async def test_a_small_ring_answers_every_lookup_locally(network: LocalNetwork) 
         assert found.hops == 0
         assert len(found.successors) == 3
     assert sum(network.calls.values()) == before
+
+
+async def test_a_list_shortened_by_failures_is_not_taken_for_the_whole_ring(network: LocalNetwork) -> None:
+    nodes = [await peer(network, i, r=4) for i in range(0, 256, 16)]
+    link(nodes)
+    start = nodes[0]
+    assert not start.wraps
+    network.kill(nodes[1].info.address)
+    start.forget(nodes[1].info)  # the list is now 3 long, shorter than r, but the ring is not that small
+    assert not start.wraps
+    found = await start.find_successor(200)
+    assert found.owner.id == 208
