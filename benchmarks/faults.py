@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+from _report import table
 
 from balancer.config import Config
 from balancer.errors import BalancerError, KeyNotFoundError
@@ -679,15 +680,6 @@ def traffic_fields(traffic: Traffic) -> dict[str, Any]:
 def row_key(row: dict[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['section']}/{row['strategy']}/{row['variant']}"
-
-
-def table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
-    """Print one Markdown table."""
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for line in lines:
-        print("| " + " | ".join(line) + " |")
-    print(flush=True)
 
 
 def versus(

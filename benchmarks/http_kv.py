@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _report import table
 from aiohttp import web
 from middleware import (
     HOST,
@@ -67,7 +68,6 @@ from middleware import (
     measure_fields,
     read_baseline,
     serve,
-    table,
     versus,
     write_json,
 )

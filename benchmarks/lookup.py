@@ -50,6 +50,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from _report import table
+
 from balancer.chord import Chord
 from balancer.keyspace import KeySpace
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
@@ -456,15 +458,6 @@ def rounds(row: dict[str, Any]) -> str:
         part = "-" if row["rounds_neighbours"] is None else str(row["rounds_neighbours"])
         return f"{part} / NOT CONVERGED in {row['max_rounds']}"
     return f"{row['rounds_neighbours']} / {row['rounds']}"
-
-
-def table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
-    """Print one Markdown table."""
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for line in lines:
-        print("| " + " | ".join(line) + " |")
-    print(flush=True)
 
 
 def versus(row: dict[str, Any], baseline: dict[str, dict[str, Any]], field: str, fmt: str) -> list[str]:

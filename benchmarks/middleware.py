@@ -63,6 +63,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+from _report import table
 from aiohttp import web
 
 from balancer import BoundedLoadBalancer
@@ -541,15 +542,6 @@ def run_python_load(spec: Path) -> None:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-
-
-def table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
-    """Print one Markdown table."""
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for line in lines:
-        print("| " + " | ".join(line) + " |")
-    print(flush=True)
 
 
 def cpu_cell(cpu: Mapping[str, float]) -> str:
