@@ -107,21 +107,20 @@ async def status(session: aiohttp.ClientSession, address: str) -> dict[str, Any]
         return None
 
 
-async def ring_correct(session: aiohttp.ClientSession, addresses: list[str]) -> bool:
-    """Whether every node's successor and predecessor are its true neighbours by id."""
+async def ring_correct(session: aiohttp.ClientSession, addresses: list[str], r: int = 8) -> bool:
+    """Whether every node's predecessor and whole successor list (r long, or the rest of a smaller ring)
+    are its true neighbours by id: then every node computes the same replica sets."""
     views = [await status(session, a) for a in addresses]
     if any(v is None for v in views):
         return False
     ring = sorted(views, key=lambda v: int(v["id"], 16))  # type: ignore[index]
+    count = len(ring)
     for i, view in enumerate(ring):
         assert view is not None
-        successor = ring[(i + 1) % len(ring)]
-        predecessor = ring[i - 1]
-        assert successor is not None
-        assert predecessor is not None
-        if not view["successors"] or view["successors"][0] != successor["address"]:
+        expected = [ring[(i + k) % count]["address"] for k in range(1, min(r, count - 1) + 1)]  # type: ignore[index]
+        if count > 1 and view["successors"] != expected:
             return False
-        if len(ring) > 1 and view["predecessor"] != predecessor["address"]:
+        if count > 1 and view["predecessor"] != ring[i - 1]["address"]:  # type: ignore[index]
             return False
     return True
 
