@@ -368,8 +368,20 @@ class KVService:
         if len(answers) < need:
             raise QuorumError("read", len(answers), need)
         best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
+        if best is None and queue:
+            # A miss on every replica asked: while the ring settles, another node may have placed the key
+            # on nodes this one does not count yet. Asking the rest costs messages only on a miss.
+            rest = await asyncio.gather(*(self._read_at(n, key) for n in queue), return_exceptions=True)
+            for node, result in zip(queue, rest, strict=True):
+                if isinstance(result, BaseException):
+                    self._failed(node, result)
+                    continue
+                answers[node] = result
+            best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
         if best is not None:
-            stale = [n for n, r in answers.items() if r is None or r.version < best.version]
+            stale = [
+                n for n, r in answers.items() if n in replicas and (r is None or r.version < best.version)
+            ]
             for node in stale:
                 self._in_background(self._write_at(node, [best]))
         return best

@@ -235,3 +235,19 @@ async def test_concurrent_requests_to_one_peer_share_messages(
     values = await asyncio.gather(*(nodes[0].get(key) for key in keys))
     assert values == [key.encode() for key in keys]
     assert network.calls["kv.read_many"] - reads <= 10
+
+
+async def test_a_miss_on_the_replicas_asks_the_fallbacks(make_ring: RingFactory) -> None:
+    nodes = await make_ring(6)
+    replicas, fallbacks = await nodes[0].kv.replica_set(b"stray")
+    assert fallbacks
+    elsewhere = next(n for n in nodes if n.info == fallbacks[0])
+    record = Record(b"stray", b"found", Version(nodes[0].kv.clock.now(), 1))
+    await elsewhere.storage.put(record)  # as if placed by a node whose view of the ring differed
+    assert await nodes[0].get("stray") == b"found"
+    await nodes[0].kv.drain()
+    for node in nodes:
+        if node.info in replicas:
+            assert await node.storage.get(b"stray") == record  # the replicas were repaired
+    with pytest.raises(KeyNotFoundError):
+        await nodes[0].get("never-written-anywhere")
