@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from balancer.chord import Call, Chord, _node
 from balancer.config import Config
@@ -52,6 +53,11 @@ BUCKET_BITS = 6
 """Anti-entropy compares 2**6 = 64 digests per pair of replicas, one per slice of the key-id space."""
 
 _COUNTER_BITS = 16
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+Stored = tuple[bool, Version | None]
+"""A store's result for one record: kept, or the greater version that beat it."""
 
 
 class HybridClock:
@@ -98,6 +104,12 @@ def _unb64(value: Any) -> bytes:
         raise BadRequestError("keys travel as base64 text") from exc
 
 
+def _summary(results: list[Stored]) -> tuple[int, Version | None]:
+    """How many records were kept, and the greatest version that beat one of the others."""
+    newer = [v for _, v in results if v is not None]
+    return sum(kept for kept, _ in results), max(newer, default=None)
+
+
 def _fingerprint(key: bytes, version: Version) -> int:
     data = key + version.timestamp.to_bytes(16, "big") + version.node.to_bytes(32, "big")
     return int.from_bytes(blake2b(data, digest_size=8).digest())
@@ -121,109 +133,55 @@ class Maintenance:
     """Peers that did not answer."""
 
 
-class _ReadBatcher:
-    """Reads of one peer asked in the same turn of the event loop travel in one ``kv.read_many`` RPC.
+class _Batcher(Generic[Item, Result]):
+    """Requests to one peer made in the same turn of the event loop travel in one RPC.
 
     Under load many client requests wait on the same replica at once; one message for all of them
-    spreads the cost of an HTTP request over the batch. A lone read goes out on the next turn, alone.
+    spreads the cost of an HTTP request over the batch. A lone request goes out on the next turn, alone.
+    ``send(items)`` makes the RPC and returns one result per item; ``split`` cuts a turn's items into
+    messages of bounded size, keeping their order and cutting only between them.
     """
 
-    def __init__(self, call: Call, address: str, timeout: float) -> None:
-        self._call = call
-        self._address = address
-        self._timeout = timeout
-        self._pending: list[tuple[bytes, asyncio.Future[Record | None]]] = []
+    def __init__(
+        self,
+        send: Callable[[list[Item]], Awaitable[list[Result]]],
+        split: Callable[[list[Item]], list[list[Item]]] = lambda items: [items],
+    ) -> None:
+        self._send = send
+        self._split = split
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    def read(self, key: bytes) -> asyncio.Future[Record | None]:
-        """A future for ``key``'s record at the peer (None if it has none)."""
+    def submit(self, item: Item) -> asyncio.Future[Result]:
+        """A future for ``item``'s result."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Record | None] = loop.create_future()
+        future: asyncio.Future[Result] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((key, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[Record | None]]]) -> None:
-        try:
-            answer = await self._call(
-                self._address, "kv.read_many", {"keys": [_b64(key) for key, _ in batch]}, self._timeout
-            )
-            records = answer.get("records")
-            if not isinstance(records, list) or len(records) != len(batch):
-                raise BadRequestError(f"{self._address} answered kv.read_many with a malformed list")
-            results = [None if raw is None else _record(raw) for raw in records]
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), record in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(record)
-
-
-class _StoreBatcher:
-    """Single-record writes to one peer made in the same turn of the event loop travel in one
-    ``kv.store`` RPC (split so that no message carries more than one largest value's worth of bytes)."""
-
-    def __init__(self, call: Call, address: str, config: Config) -> None:
-        self._call = call
-        self._address = address
-        self._timeout = config.rpc_timeout
-        self._budget = config.max_value_bytes + config.max_key_bytes
-        self._pending: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
-
-    def store(self, record: Record) -> asyncio.Future[tuple[bool, Version | None]]:
-        """A future for (kept, the greater version the peer holds if it refused the record)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, Version | None]] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((record, future))
+        self._pending.append((item, future))
         return future
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]] = []
-        used = 0
-        for entry in pending:
-            size = len(entry[0].key) + len(entry[0].value or b"")
-            if batch and used + size > self._budget:
-                self._start(batch)
-                batch, used = [], 0
-            batch.append(entry)
-            used += size
-        if batch:
-            self._start(batch)
+        start = 0
+        for chunk in self._split([item for item, _ in pending]):
+            futures = [future for _, future in pending[start : start + len(chunk)]]
+            start += len(chunk)
+            task = asyncio.ensure_future(self._deliver(chunk, futures))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
-    def _start(self, batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]]) -> None:
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[Record, asyncio.Future[tuple[bool, Version | None]]]]) -> None:
+    async def _deliver(self, items: list[Item], futures: list[asyncio.Future[Result]]) -> None:
         try:
-            answer = await self._call(
-                self._address, "kv.store", {"records": [r.to_wire() for r, _ in batch]}, self._timeout
-            )
-            each = answer.get("each")
-            if not isinstance(each, list) or len(each) != len(batch):
-                raise BadRequestError(f"{self._address} answered kv.store without a result per record")
-            results = [(bool(kept), None if raw is None else Version.from_wire(raw)) for kept, raw in each]
+            results = await self._send(items)
+            if len(results) != len(items):
+                raise BadRequestError("a batched answer does not have one result per request")
         except Exception as exc:
-            for _, future in batch:
+            for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for future, result in zip(futures, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
@@ -273,8 +231,8 @@ class KVService:
         self._background: set[asyncio.Future[Any]] = set()
         self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
         self._placed = False  # whether a maintenance pass has filled _shared yet
-        self._readers: dict[str, _ReadBatcher] = {}
-        self._writers: dict[str, _StoreBatcher] = {}
+        self._readers: dict[str, _Batcher[bytes, Record | None]] = {}
+        self._writers: dict[str, _Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
@@ -467,10 +425,8 @@ class KVService:
             return await self.storage.get(key)
         batcher = self._readers.get(node.address)
         if batcher is None:
-            batcher = self._readers[node.address] = _ReadBatcher(
-                self._call, node.address, self.config.rpc_timeout
-            )
-        record = await batcher.read(key)
+            batcher = self._readers[node.address] = _Batcher(functools.partial(self._read_many, node.address))
+        record = await batcher.submit(key)
         if record is not None:
             self.clock.observe(record.version.timestamp)
         return record
@@ -478,27 +434,41 @@ class KVService:
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node == self.chord.info:
-            return await self._store(records)
+            return _summary(await self._store_each(records))
         if len(records) == 1:  # a client write or a repair: share the message with others of this turn
             writer = self._writers.get(node.address)
             if writer is None:
-                writer = self._writers[node.address] = _StoreBatcher(self._call, node.address, self.config)
-            kept, newer = await writer.store(records[0])
-            return int(kept), newer
-        stored = 0
-        newest: Version | None = None
+                send = functools.partial(self._store_many, node.address)
+                writer = self._writers[node.address] = _Batcher(send, self._chunks)
+            return _summary([await writer.submit(records[0])])
+        results: list[Stored] = []
         for chunk in self._chunks(records):
-            answer = await self._call(
-                node.address,
-                "kv.store",
-                {"records": [r.to_wire() for r in chunk]},
-                self.config.rpc_timeout * max(1, len(chunk) // 64),
-            )
-            stored += int(answer.get("stored", 0))
-            if answer.get("newer") is not None:
-                newer = Version.from_wire(answer["newer"])
-                newest = newer if newest is None or newer > newest else newest
-        return stored, newest
+            results += await self._store_many(node.address, chunk)
+        return _summary(results)
+
+    async def _read_many(self, address: str, keys: list[bytes]) -> list[Record | None]:
+        answer = await self._call(
+            address, "kv.read_many", {"keys": [_b64(k) for k in keys]}, self._timeout_for(len(keys))
+        )
+        records = answer.get("records")
+        if not isinstance(records, list):
+            raise BadRequestError(f"{address} answered kv.read_many without a list of records")
+        return [None if raw is None else _record(raw) for raw in records]
+
+    async def _store_many(self, address: str, records: list[Record]) -> list[Stored]:
+        answer = await self._call(
+            address, "kv.store", {"records": [r.to_wire() for r in records]}, self._timeout_for(len(records))
+        )
+        each = answer.get("each")
+        if not isinstance(each, list):
+            raise BadRequestError(f"{address} answered kv.store without a result per record")
+        try:
+            return [(bool(kept), None if raw is None else Version.from_wire(raw)) for kept, raw in each]
+        except (TypeError, ValueError) as exc:
+            raise BadRequestError(f"{address} answered kv.store with malformed results") from exc
+
+    def _timeout_for(self, items: int) -> float:
+        return self.config.rpc_timeout * max(1, items // 64)
 
     def _chunks(self, records: list[Record]) -> list[list[Record]]:
         """Split ``records`` so that no message carries more than one largest value's worth of bytes."""
@@ -516,13 +486,11 @@ class KVService:
 
     async def _store(self, records: list[Record]) -> tuple[int, Version | None]:
         """Keep ``records`` here: how many were kept, and the greatest stored version that beat one."""
-        results = await self._store_each(records)
-        newer = [v for _, v in results if v is not None]
-        return sum(kept for kept, _ in results), max(newer, default=None)
+        return _summary(await self._store_each(records))
 
-    async def _store_each(self, records: list[Record]) -> list[tuple[bool, Version | None]]:
+    async def _store_each(self, records: list[Record]) -> list[Stored]:
         """Keep each record unless a greater version is stored: (kept, the greater version if refused)."""
-        results: list[tuple[bool, Version | None]] = []
+        results: list[Stored] = []
         for record in records:
             self.clock.observe(record.version.timestamp)
             if await self.storage.put(record):
@@ -693,12 +661,7 @@ class KVService:
             ):
                 raise TooLargeError("a record is over the size limits")
         results = await self._store_each(records)
-        newer = [v for _, v in results if v is not None]
-        return {
-            "stored": sum(kept for kept, _ in results),
-            "newer": max(newer).to_wire() if newer else None,
-            "each": [[kept, v.to_wire() if v else None] for kept, v in results],
-        }
+        return {"each": [[kept, v.to_wire() if v else None] for kept, v in results]}
 
     async def _rpc_digests(self, payload: Payload) -> Payload:
         peer = _node(payload.get("node"))

@@ -84,7 +84,8 @@ def default_key(request: web.Request) -> str | None:
 
 def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
     named = {v.strip().lower() for v in headers.get("Connection", "").split(",") if v.strip()}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP | named)
+    dropped = _HOP_BY_HOP | named if named else _HOP_BY_HOP
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
