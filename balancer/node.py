@@ -31,7 +31,7 @@ from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Tran
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
-from balancer.types import Lookup, NodeInfo, Record, RingView, Version
+from balancer.types import Lookup, NodeInfo, Record, RingView
 
 __all__ = ["Node"]
 
@@ -236,10 +236,6 @@ class Node(PublicApi):
         with self._observed("put"):
             await self.kv.put(key, value)
 
-    async def put_versioned(self, key: str | bytes, value: bytes) -> Version:
-        """Like :meth:`put`, returning the version written."""
-        return await self.kv.put(key, value)
-
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
         with self._observed("delete"):
@@ -268,10 +264,6 @@ class Node(PublicApi):
             "records": await self.storage.count(),
             "settings": self.config.ring_settings(),
         }
-
-    async def status_of(self, address: str) -> Payload:
-        """Another node's status, asked over the transport."""
-        return await self.transport.call(address, "node.status", {}, self.config.rpc_timeout)
 
     # -- internals --------------------------------------------------------------------------------
 
