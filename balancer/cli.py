@@ -165,6 +165,46 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Largest value accepted.",
         ),
+        click.option(
+            "--max-clock-skew",
+            type=click.FloatRange(min=0, min_open=True),
+            default=60.0,
+            show_default=True,
+            help="Seconds a peer's clock may be ahead; records stamped further ahead are refused.",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(16, 1 << 20),
+            default=1024,
+            show_default=True,
+            help="Most connections served at once (a share is kept for ring RPCs).",
+        ),
+        click.option(
+            "--idle-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=30.0,
+            show_default=True,
+            help="Seconds an idle keep-alive connection is kept open.",
+        ),
+        click.option(
+            "--header-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=10.0,
+            show_default=True,
+            help="Seconds a new connection has to send its request head.",
+        ),
+        click.option(
+            "--fsync",
+            is_flag=True,
+            help="Sync every write to disk (survives power loss; slower). Needs --data-dir.",
+        ),
+        click.option(
+            "--join-timeout",
+            type=click.FloatRange(min=0),
+            default=30.0,
+            show_default=True,
+            help="Seconds to keep retrying --join seeds that do not answer yet.",
+        ),
         click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points)."),
     ]
     for option in reversed(options):
@@ -206,6 +246,12 @@ def _config(**opts: Any) -> Config:
             tls_key=opts["tls_key"],
             tls_ca=opts["tls_ca"],
             max_value_bytes=opts["max_value_bytes"],
+            max_clock_skew=opts["max_clock_skew"],
+            max_connections=opts["max_connections"],
+            idle_timeout=opts["idle_timeout"],
+            header_timeout=opts["header_timeout"],
+            fsync=opts["fsync"],
+            join_timeout=opts["join_timeout"],
             load_entrypoints=not opts["no_plugins"],
         )
     except BalancerError as exc:

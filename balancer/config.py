@@ -10,7 +10,7 @@ from balancer.errors import ConfigError
 
 __all__ = ["PROTOCOL_VERSION", "Config"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped whenever two nodes of different versions could not share a ring."""
 
 
@@ -63,14 +63,30 @@ class Config:
     """Shared secret: inter-node RPCs carry an HMAC of the body and a timestamp, checked on arrival."""
     api_token: str | None = None
     """Bearer token required by the public ``/kv`` and ``/status`` API."""
-    max_clock_skew: float = 30.0
-    """Seconds a signed RPC's timestamp may differ from the receiver's clock."""
+    max_clock_skew: float = 60.0
+    """Seconds a signed RPC's timestamp may differ from the receiver's clock, and how far ahead of this
+    node's clock a record's version may be stamped (a record further ahead is refused, never adopted)."""
     tls_cert: str | None = None
     """Certificate file (PEM) to serve TLS with; needs ``tls_key``."""
     tls_key: str | None = None
     """Private key file (PEM) of ``tls_cert``."""
     tls_ca: str | None = None
     """CA file (PEM) that peers' certificates are verified against; setting it makes calls use TLS."""
+    max_connections: int = 1024
+    """Most client connections served at once (lowered to fit the process's open-file limit); a share is
+    kept for ring RPCs, and idle connections are closed first when the limit is reached."""
+    idle_timeout: float = 30.0
+    """Seconds a keep-alive connection may stay idle between requests before it is closed."""
+    header_timeout: float = 10.0
+    """Seconds a new connection has to send a complete request head before it is closed."""
+    fsync: bool = False
+    """Durable storage syncs every commit to disk (SQLite ``synchronous=FULL``): an acknowledged write
+    then survives a power loss, not only the process being killed."""
+    join_timeout: float = 30.0
+    """Seconds to keep retrying seeds that do not answer yet (with backoff) before joining fails."""
+    phi_threshold: float = 8.0
+    """Suspicion level (phi, as in phi-accrual failure detection) at which a silent peer is declared
+    failed; a peer that refuses connections is declared failed at once."""
     max_key_bytes: int = 1024
     """Longest key accepted, in UTF-8 bytes."""
     max_value_bytes: int = 1 << 20
@@ -113,10 +129,25 @@ class Config:
             f"read_quorum must be in [1, replicas={self.replicas}], got {self.read_quorum}",
         )
         require(self.replicas <= self.successors + 1, "replicas must not exceed successors + 1")
-        for name in ("tombstone_grace", "anti_entropy_interval", "max_clock_skew"):
+        for name in (
+            "tombstone_grace",
+            "anti_entropy_interval",
+            "max_clock_skew",
+            "idle_timeout",
+            "header_timeout",
+            "phi_threshold",
+        ):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
         require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
+        require(
+            16 <= self.max_connections <= 1 << 20,
+            f"max_connections must be in [16, 1048576], got {self.max_connections}",
+        )
+        require(
+            math.isfinite(self.join_timeout) and self.join_timeout >= 0,
+            f"join_timeout must be a non-negative number, got {self.join_timeout}",
+        )
         require(self.max_key_bytes >= 1, "max_key_bytes must be positive")
         require(self.max_value_bytes >= 0, "max_value_bytes must be non-negative")
         require(self.handoff_batch >= 1, "handoff_batch must be positive")
@@ -137,8 +168,17 @@ class Config:
         return replace(self, **changes)
 
     def ring_settings(self) -> dict[str, int]:
-        """The settings every member of one ring must share; a joiner with others is refused."""
-        return {"protocol": PROTOCOL_VERSION, "bits": self.bits, "replicas": self.replicas}
+        """The settings every member of one ring must share; a joiner with others is refused.
+
+        ``secured`` is whether RPCs are signed with a cluster secret: a node with a secret never joins a
+        ring without one, nor the reverse.
+        """
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "bits": self.bits,
+            "replicas": self.replicas,
+            "secured": int(self.cluster_secret is not None),
+        }
 
     @property
     def consistent(self) -> bool:
