@@ -22,15 +22,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TypeVar
 
+from msgspec import Struct
+
+from balancer import wire
 from balancer.errors import (
-    BadRequestError,
     BalancerError,
     IncompatibleConfigError,
     PeerUnreachableError,
     RingError,
 )
+from balancer.failure import FailureDetector
 from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
 from balancer.types import Lookup, NodeInfo, RingView
@@ -43,24 +46,11 @@ Call = Callable[[str, str, Payload, float], Awaitable[Payload]]
 """``call(address, method, payload, timeout)``: a transport's client side."""
 
 
-def _node(value: Any) -> NodeInfo:
-    try:
-        return NodeInfo.from_wire(value)
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from exc
+Answer = TypeVar("Answer", bound=Struct)
 
 
-def _nodes(value: Any) -> list[NodeInfo]:
-    if not isinstance(value, list):
-        raise BadRequestError(f"expected a list of nodes, got {type(value).__name__}")
-    return [_node(v) for v in value]
-
-
-def _ident(payload: Payload, space: KeySpace) -> int:
-    value = payload.get("id")
-    if type(value) is not int or not 0 <= value < space.size:
-        raise BadRequestError(f"'id' must be an integer in [0, 2**{space.bits}), got {value!r}")
-    return value
+def _nodes(value: Iterable[wire.WireNode]) -> list[NodeInfo]:
+    return [n.value() for n in value]
 
 
 class Chord:
@@ -83,6 +73,7 @@ class Chord:
         settings: dict[str, int] | None = None,
         successor_shortcut: bool = True,
         on_event: Callable[[str, NodeInfo], None] | None = None,
+        detector: FailureDetector | None = None,
     ) -> None:
         self.info = info
         self.space = space or KeySpace()
@@ -96,7 +87,10 @@ class Chord:
         """Whether the successor list came back around to this node: then it names the whole ring."""
         self.fingers: list[NodeInfo | None] = [None] * self.space.bits
         self.left = False
+        self.detector = detector
+        """Decides when a peer that missed a call is failed; without one, every miss is a failure."""
         self._call = call
+        self._limits = wire.Limits(bits=self.space.bits)
         self._on_event = on_event or (lambda event, peer: None)
         self._on_predecessor: list[Callable[[NodeInfo | None, NodeInfo | None], None]] = []
 
@@ -139,13 +133,14 @@ class Chord:
         :class:`IncompatibleConfigError` if the ring's settings differ from this node's, and
         :class:`PeerUnreachableError` or :class:`RingError` if the bootstrap node cannot place us.
         """
-        answer = await self._call(
+        answer = await self._ask(
             bootstrap,
             "chord.join",
             {"node": self.info.to_wire(), "settings": self.settings},
+            wire.JoinAnswer,
             self.timeout * 8,
         )
-        successors = _nodes(answer.get("successors"))
+        successors = _nodes(answer.successors)
         if not successors:
             raise RingError(f"{bootstrap} returned no successor")
         owner = successors[0]
@@ -156,7 +151,7 @@ class Chord:
         await self._notify(self.successor)
         with contextlib.suppress(BalancerError):  # one round now: learn the successor's own list at once
             await self.stabilize()
-        return Lookup(owner, int(answer.get("hops", 0)), tuple(successors))
+        return Lookup(owner, answer.hops, tuple(successors))
 
     async def leave(self) -> None:
         """Leave gracefully: tell the successor who its new predecessor is and the predecessor who its
@@ -186,22 +181,22 @@ class Chord:
         for _ in range(self.r + 1):
             succ = self.successor
             if succ == self.info:
-                state: Payload = self._state()
+                state = wire.decode(wire.State, self._state(), self._limits)
                 break
             try:
-                state = await self._call(succ.address, "chord.state", {}, self.timeout)
+                state = await self._ask(succ.address, "chord.state", {}, wire.State)
                 break
-            except PeerUnreachableError:
-                self.forget(succ)
+            except PeerUnreachableError as exc:
+                if not self.unreachable(succ, exc):
+                    return  # only suspect: keep it, and ask again next round
         else:
             return
-        tail = _nodes(state.get("successors", []))
+        tail = _nodes(state.successors)
         # Adopt the successor's predecessor only if it answers (Zave), never a dead or departed node.
         # Walking back up to r steps at once lets a node that lost its whole successor list, and fell
         # back to a far finger, find its true successor in one round instead of one node per round.
         for _ in range(self.r):
-            raw_pred = state.get("predecessor")
-            candidate = _node(raw_pred) if raw_pred is not None else None
+            candidate = state.predecessor.value() if state.predecessor is not None else None
             if (
                 candidate is None
                 or candidate == self.info
@@ -209,10 +204,10 @@ class Chord:
             ):
                 break
             try:
-                state = await self._call(candidate.address, "chord.state", {}, self.timeout)
+                state = await self._ask(candidate.address, "chord.state", {}, wire.State)
             except PeerUnreachableError:
                 break
-            succ, tail = candidate, _nodes(state.get("successors", []))
+            succ, tail = candidate, _nodes(state.successors)
         self._set_successors(succ, tail)
         if self.successor != self.info:
             await self._notify(self.successor)
@@ -223,9 +218,9 @@ class Chord:
         if pred is None or pred == self.info or self.left:
             return
         try:
-            await self._call(pred.address, "chord.ping", {}, self.timeout)
-        except PeerUnreachableError:
-            self.forget(pred)
+            await self._ask(pred.address, "chord.ping", {}, wire.Ping)
+        except PeerUnreachableError as exc:
+            self.unreachable(pred, exc)
 
     async def fix_fingers(self) -> int:
         """Refresh the whole finger table; returns the number of lookups it needed.
@@ -270,16 +265,19 @@ class Chord:
         # The last node that answered and its successor list: when its successor turns out dead, the
         # next live entry of that list owns what the dead one did (Zave's rule, applied by the caller).
         last, last_successors = self.info, list(self.successors)
+        answer: wire.FindStepAnswer | None
         hops = 0
         while candidates and len(tried) < 4 * self.space.bits + self.r:
             node = candidates.pop(0)
-            answer: Payload | None = None
+            answer = None
             if node.address not in tried:
                 tried.add(node.address)
                 try:
-                    answer = await self._call(node.address, "chord.find_step", {"id": ident}, self.timeout)
-                except PeerUnreachableError:
-                    self.forget(node)
+                    answer = await self._ask(
+                        node.address, "chord.find_step", {"id": ident}, wire.FindStepAnswer
+                    )
+                except PeerUnreachableError as exc:
+                    self.unreachable(node, exc)
                     dead.add(node.address)
             if answer is None:
                 alive = [s for s in last_successors if s.address not in dead]
@@ -291,12 +289,12 @@ class Chord:
                     return Lookup(alive[0], hops, tuple(alive))
                 continue
             hops += 1
-            successors = _nodes(answer.get("successors", []))
-            if answer.get("done") and successors:
+            successors = _nodes(answer.successors)
+            if answer.done and successors:
                 return Lookup(successors[0], hops, tuple(successors))
             if (ident - node.id) % size < (ident - last.id) % size:  # only ever move toward the key
                 last, last_successors = node, successors
-            candidates = _nodes(answer.get("closer", [])) + candidates
+            candidates = self.prefer_healthy(_nodes(answer.closer)) + candidates
         raise RingError(f"no route to the owner of {ident:x} from {self.info.address}")
 
     def _answer(self, ident: int) -> list[NodeInfo] | None:
@@ -337,7 +335,15 @@ class Chord:
         size = self.space.size
         me = self.info.id
         between = {n for n in known if n is not None and in_interval(n.id, me, ident, size)}
-        return sorted(between, key=lambda n: (ident - n.id) % size)
+        return self.prefer_healthy(sorted(between, key=lambda n: (ident - n.id) % size))
+
+    def prefer_healthy(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        """``nodes`` in the same order, except that suspected ones go last: a slow peer is asked only
+        when no other will do, so it costs one timeout, not one per lookup."""
+        detector = self.detector
+        if detector is None:
+            return nodes
+        return sorted(nodes, key=lambda n: detector.suspect(n.address))  # stable: keeps the order
 
     # -- state changes ----------------------------------------------------------------------------
 
@@ -380,13 +386,17 @@ class Chord:
             return
         known = node in self.successors or node == self.predecessor or node in self.fingers
         self.fingers = [None if f == node else f for f in self.fingers]
+        if self.detector is not None:
+            self.detector.forget(node.address)
         if node in self.successors:
-            self.wraps = False  # entries were removed: the list no longer names the whole ring
+            # A list that named the whole ring still does without the member that failed or left, so
+            # ``wraps`` stays: clearing it would make this node leave itself out of its own answers.
             self.successors = [s for s in self.successors if s != node]
             if not self.successors:  # every successor is gone: the closest live finger, else ourselves
                 self.successors = [self.info]
                 ahead = self._closest_preceding((self.info.id - 1) % self.space.size)
                 self.successors = ahead[-1:] or [self.info]
+                self.wraps = self.successors == [self.info]
         if node == self.predecessor:
             self._set_predecessor(None)
         if known:
@@ -394,38 +404,60 @@ class Chord:
 
     async def _notify(self, succ: NodeInfo) -> None:
         try:
-            await self._call(succ.address, "chord.notify", {"node": self.info.to_wire()}, self.timeout)
-        except PeerUnreachableError:
-            self.forget(succ)
+            await self._ask(succ.address, "chord.notify", {"node": self.info.to_wire()}, wire.Empty)
+        except PeerUnreachableError as exc:
+            self.unreachable(succ, exc)
+
+    async def _ask(
+        self,
+        address: str,
+        method: str,
+        payload: Payload,
+        answer: type[Answer],
+        timeout: float | None = None,
+    ) -> Answer:
+        """Call ``method`` at ``address`` and decode its answer as ``answer``."""
+        result = await self._call(address, method, payload, timeout or self.timeout)
+        return wire.decode(answer, result, self._limits)
+
+    def unreachable(self, node: NodeInfo, exc: PeerUnreachableError) -> bool:
+        """A call to ``node`` failed: forget it if the failure detector declares it failed (always,
+        without a detector). Returns whether it was forgotten; otherwise it is only suspected."""
+        if self.detector is not None and not self.detector.failed(node.address):
+            log.debug("%s: %s is suspected: %s", self.info, node, exc)
+            return False
+        self.forget(node)
+        return True
 
     # -- RPC handlers -----------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC methods this node serves, by name."""
+        limits = self._limits
         return {
-            "chord.ping": self._rpc_ping,
-            "chord.state": self._rpc_state,
-            "chord.notify": self._rpc_notify,
-            "chord.find_step": self._rpc_find_step,
-            "chord.join": self._rpc_join,
-            "chord.leaving": self._rpc_leaving,
+            "chord.ping": wire.serve(wire.Empty, self._rpc_ping, limits),
+            "chord.state": wire.serve(wire.Empty, self._rpc_state, limits),
+            "chord.notify": wire.serve(wire.Notify, self._rpc_notify, limits),
+            "chord.find_step": wire.serve(wire.FindStep, self._rpc_find_step, limits),
+            "chord.join": wire.serve(wire.Join, self._rpc_join, limits),
+            "chord.leaving": wire.serve(wire.Leaving, self._rpc_leaving, limits),
         }
 
     def _check_serving(self) -> None:
         if self.left:
             raise RingError(f"{self.info.address} has left the ring")
 
-    async def _rpc_ping(self, payload: Payload) -> Payload:
+    async def _rpc_ping(self, message: wire.Empty) -> Payload:
         self._check_serving()
         return {"id": self.info.id}
 
-    async def _rpc_state(self, payload: Payload) -> Payload:
+    async def _rpc_state(self, message: wire.Empty) -> Payload:
         self._check_serving()
         return self._state()
 
-    async def _rpc_notify(self, payload: Payload) -> Payload:
+    async def _rpc_notify(self, message: wire.Notify) -> Payload:
         self._check_serving()
-        node = _node(payload.get("node"))
+        node = message.node.value()
         pred = self.predecessor
         if node != self.info and (
             pred is None or in_interval(node.id, pred.id, self.info.id, self.space.size)
@@ -437,9 +469,9 @@ class Chord:
                 self.wraps = True  # and the ring is the two of us
         return {}
 
-    async def _rpc_find_step(self, payload: Payload) -> Payload:
+    async def _rpc_find_step(self, message: wire.FindStep) -> Payload:
         self._check_serving()
-        ident = _ident(payload, self.space)
+        ident = message.id
         done = self._answer(ident)
         if done is not None:
             return {"done": True, "successors": [s.to_wire() for s in done]}
@@ -450,10 +482,9 @@ class Chord:
             "successors": [s.to_wire() for s in self.successors],
         }
 
-    async def _rpc_join(self, payload: Payload) -> Payload:
+    async def _rpc_join(self, message: wire.Join) -> Payload:
         self._check_serving()
-        node = _node(payload.get("node"))
-        settings = payload.get("settings")
+        node, settings = message.node.value(), message.settings
         if settings != self.settings:
             raise IncompatibleConfigError(
                 f"{node.address} has settings {settings!r}; this ring uses {self.settings!r}"
@@ -461,11 +492,10 @@ class Chord:
         found = await self.find_successor(node.id)
         return {"successors": [s.to_wire() for s in found.successors], "hops": found.hops}
 
-    async def _rpc_leaving(self, payload: Payload) -> Payload:
-        node = _node(payload.get("node"))
-        raw_pred = payload.get("predecessor")
-        new_pred = _node(raw_pred) if raw_pred is not None else None
-        handover = [n for n in _nodes(payload.get("successors", [])) if n != node]
+    async def _rpc_leaving(self, message: wire.Leaving) -> Payload:
+        node = message.node.value()
+        new_pred = message.predecessor.value() if message.predecessor is not None else None
+        handover = [n for n in _nodes(message.successors) if n != node]
         was_successor = node == self.successor
         was_predecessor = node == self.predecessor
         self.forget(node, "left")

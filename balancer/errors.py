@@ -12,6 +12,7 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── PeerUnreachableError (ConnectionError)  a peer timed out, refused, or is known down
      ├── RemoteError                         a peer answered with an error of its own
      ├── BadRequestError (ValueError)        a malformed request or RPC payload        -> 400
+     │    └── ClockSkewError                 a record stamped too far ahead of our clock -> 400
      ├── KeyNotFoundError (KeyError)         the key has no live value                 -> 404
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
      ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
@@ -28,6 +29,7 @@ __all__ = [
     "BadRequestError",
     "BalancerError",
     "CapacityError",
+    "ClockSkewError",
     "ConfigError",
     "IncompatibleConfigError",
     "KeyNotFoundError",
@@ -84,11 +86,16 @@ class CapacityError(BalancerError):
 
 
 class PeerUnreachableError(BalancerError, ConnectionError):
-    """A peer did not answer within the timeout, refused the connection, or is known to be down."""
+    """A peer did not answer within the timeout, refused the connection, or is known to be down.
 
-    def __init__(self, address: str, reason: str = "unreachable") -> None:
+    ``refused`` is true when nothing listens at the address (the connection was refused, or the node is
+    known to be gone): the peer is down without doubt, not merely slow.
+    """
+
+    def __init__(self, address: str, reason: str = "unreachable", *, refused: bool = False) -> None:
         super().__init__(f"{address}: {reason}")
         self.address = address
+        self.refused = refused
 
 
 class RemoteError(BalancerError):
@@ -103,6 +110,10 @@ class RemoteError(BalancerError):
 
 class BadRequestError(BalancerError, ValueError):
     """A request or RPC payload is malformed (HTTP 400)."""
+
+
+class ClockSkewError(BadRequestError):
+    """A record is stamped further ahead of the receiver's clock than ``max_clock_skew`` (HTTP 400)."""
 
 
 class KeyNotFoundError(BalancerError, KeyError):

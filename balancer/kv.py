@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any, Generic, TypeVar
 
-from balancer.chord import Call, Chord, _node
+from balancer import wire
+from balancer.chord import Call, Chord
 from balancer.config import Config
 from balancer.errors import (
     BadRequestError,
     BalancerError,
+    ClockSkewError,
     KeyNotFoundError,
     PeerUnreachableError,
     QuorumError,
@@ -64,11 +67,14 @@ class HybridClock:
     """A hybrid logical clock: wall-clock milliseconds in the high bits, a counter in the low 16.
 
     ``now()`` never goes backwards and never repeats, even if the wall clock does; ``observe()`` moves it
-    past a timestamp seen from another node, so causally later writes always get greater versions.
+    past a timestamp seen from another node, so causally later writes always get greater versions, but
+    never further than ``max_skew`` seconds ahead of this node's wall clock: one record stamped far in the
+    future (a peer with a wrong clock, or a forged one) cannot drag every later write along with it.
     """
 
-    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time, max_skew: float = 60.0) -> None:
         self._wall = wall
+        self.max_skew = max_skew
         self._last = 0
 
     def now(self) -> int:
@@ -77,8 +83,16 @@ class HybridClock:
         return self._last
 
     def observe(self, timestamp: int) -> None:
-        """Account for a timestamp seen on a record from elsewhere."""
-        self._last = max(self._last, timestamp)
+        """Account for a timestamp seen on a record from elsewhere (at most up to :meth:`limit`)."""
+        self._last = max(self._last, min(timestamp, self.limit()))
+
+    def limit(self) -> int:
+        """The greatest timestamp accepted now: ``max_skew`` seconds ahead of the wall clock."""
+        return int((self._wall() + self.max_skew) * 1000) << _COUNTER_BITS
+
+    def ahead(self, timestamp: int) -> float:
+        """Seconds ``timestamp`` is ahead of this node's wall clock (negative if behind)."""
+        return self.seconds(timestamp) - self._wall()
 
     @staticmethod
     def seconds(timestamp: int) -> float:
@@ -86,22 +100,14 @@ class HybridClock:
         return (timestamp >> _COUNTER_BITS) / 1000
 
 
-def _record(value: Any) -> Record:
-    try:
-        return Record.from_wire(value)
-    except ValueError as exc:
-        raise BadRequestError(str(exc)) from exc
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(value: Any) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (TypeError, ValueError) as exc:
-        raise BadRequestError("keys travel as base64 text") from exc
+def _abandon(future: asyncio.Future[Any]) -> None:
+    """Cancel ``future``, which nobody will await, and retrieve its outcome so none goes unreported."""
+    future.cancel()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _summary(results: list[Stored]) -> tuple[int, Version | None]:
@@ -225,7 +231,12 @@ class KVService:
         self.storage = storage
         self.strategy = strategy
         self.config = config
-        self.clock = HybridClock()
+        self.clock = HybridClock(max_skew=config.max_clock_skew)
+        self.leaving = False
+        """Set when the node starts leaving: it stores no more writes, so none can miss the hand-off."""
+        self._storing = 0  # kv.store requests being applied right now
+        self._stored = asyncio.Event()  # set whenever _storing drops to zero
+        self._limits = wire.Limits(chord.space.bits, config.max_key_bytes, config.max_value_bytes)
         self._call = call
         self._emit = emit or (lambda event, **kwargs: None)
         self._background: set[asyncio.Future[Any]] = set()
@@ -308,21 +319,24 @@ class KVService:
         answers: dict[NodeInfo, Record | None] = {}
         if me in replicas:  # the local copy costs no message: read it first, without a task
             answers[me] = await self.storage.get(key)
-        queue = [n for n in replicas if n != me] + fallbacks
+        # suspected replicas are asked last: a slow peer is waited for only when no other will do
+        queue = self.chord.prefer_healthy([n for n in replicas if n != me]) + fallbacks
         running: dict[asyncio.Future[Record | None], NodeInfo] = {}
-        while len(answers) < need and (queue or running):
-            while queue and len(running) + len(answers) < need:
-                node = queue.pop(0)
-                running[asyncio.ensure_future(self._read_at(node, key))] = node
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                node = running.pop(future)
-                if future.exception() is None:
-                    answers[node] = future.result()
-                else:
-                    self._failed(node, future.exception())
-        for future in running:
-            future.cancel()
+        try:
+            while len(answers) < need and (queue or running):
+                while queue and len(running) + len(answers) < need:
+                    node = queue.pop(0)
+                    running[asyncio.ensure_future(self._read_at(node, key))] = node
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    node = running.pop(future)
+                    if future.exception() is None:
+                        answers[node] = future.result()
+                    else:
+                        self._failed(node, future.exception())
+        finally:  # on every way out, a caller's cancellation included: nothing is left unattended
+            for future in running:
+                _abandon(future)
         if len(answers) < need:
             raise QuorumError("read", len(answers), need)
         best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
@@ -360,6 +374,11 @@ class KVService:
             # or with a clock ahead of ours. Stamp past it and write again, so that a write issued after
             # another one was acknowledged is never ordered before it.
             self.clock.observe(newer.timestamp)
+        else:
+            raise RingError(
+                f"a replica of {key!r} holds a version stamped beyond the allowed clock skew "
+                f"({newer}); the write was not applied"
+            )
         if acked < need:
             raise QuorumError("write", acked, need)
         return record.version
@@ -376,22 +395,24 @@ class KVService:
         acked = 0
         newest: Version | None = None
         running = {asyncio.ensure_future(self._write_at(node, records)): node for node in targets}
-        while running and acked < need:
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                node = running.pop(future)
-                if future.exception() is None:
-                    acked += 1
-                    _, newer = future.result()
-                    if newer is not None and (newest is None or newer > newest):
-                        newest = newer
-                    continue
-                self._failed(node, future.exception())
-                if spare:
-                    substitute = spare.pop(0)
-                    running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
-        for future in running:
-            self._in_background(future)
+        try:
+            while running and acked < need:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    node = running.pop(future)
+                    if future.exception() is None:
+                        acked += 1
+                        _, newer = future.result()
+                        if newer is not None and (newest is None or newer > newest):
+                            newest = newer
+                        continue
+                    self._failed(node, future.exception())
+                    if spare:
+                        substitute = spare.pop(0)
+                        running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
+        finally:  # the replicas still in flight finish in the background, even if the caller gave up
+            for future in running:
+                self._in_background(future)
         return acked, newest
 
     def _in_background(self, work: Any) -> None:
@@ -412,8 +433,10 @@ class KVService:
 
     def _failed(self, node: NodeInfo, exc: BaseException | None) -> None:
         log.debug("%s: %s did not answer: %s", self.chord.info, node, exc)
-        if isinstance(exc, PeerUnreachableError | RingError):  # down, or gone from the ring
-            self.chord.forget(node)
+        if isinstance(exc, PeerUnreachableError):  # down, or only slow: the failure detector decides
+            self.chord.unreachable(node, exc)
+        elif isinstance(exc, RingError):  # it has left the ring, or is leaving it
+            self.chord.forget(node, "left")
 
     def cancel_background(self) -> None:
         """Stop the replication still running in the background (used when closing abruptly)."""
@@ -434,7 +457,8 @@ class KVService:
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node == self.chord.info:
-            return _summary(await self._store_each(records))
+            async with self._storing_here():
+                return _summary(await self._store_each(records))
         if len(records) == 1:  # a client write or a repair: share the message with others of this turn
             writer = self._writers.get(node.address)
             if writer is None:
@@ -447,25 +471,39 @@ class KVService:
         return _summary(results)
 
     async def _read_many(self, address: str, keys: list[bytes]) -> list[Record | None]:
-        answer = await self._call(
+        raw = await self._call(
             address, "kv.read_many", {"keys": [_b64(k) for k in keys]}, self._timeout_for(len(keys))
         )
-        records = answer.get("records")
-        if not isinstance(records, list):
-            raise BadRequestError(f"{address} answered kv.read_many without a list of records")
-        return [None if raw is None else _record(raw) for raw in records]
+        answer = wire.decode(wire.ReadManyAnswer, raw, self._limits)
+        return [None if r is None else r.record() for r in answer.records]
 
     async def _store_many(self, address: str, records: list[Record]) -> list[Stored]:
-        answer = await self._call(
+        raw = await self._call(
             address, "kv.store", {"records": [r.to_wire() for r in records]}, self._timeout_for(len(records))
         )
-        each = answer.get("each")
-        if not isinstance(each, list):
-            raise BadRequestError(f"{address} answered kv.store without a result per record")
+        answer = wire.decode(wire.StoreAnswer, raw, self._limits)
+        return [(kept, None if v is None else v.value()) for kept, v in answer.each]
+
+    @contextlib.asynccontextmanager
+    async def _storing_here(self) -> AsyncIterator[None]:
+        """Count a write being applied here; refuse it once the node is leaving (see :meth:`quiesce`)."""
+        if self.leaving:
+            raise RingError(f"{self.chord.info.address} is leaving the ring and takes no more writes")
+        self._storing += 1
+        self._stored.clear()
         try:
-            return [(bool(kept), None if raw is None else Version.from_wire(raw)) for kept, raw in each]
-        except (TypeError, ValueError) as exc:
-            raise BadRequestError(f"{address} answered kv.store with malformed results") from exc
+            yield
+        finally:
+            self._storing -= 1
+            if not self._storing:
+                self._stored.set()
+
+    async def quiesce(self) -> None:
+        """Stop taking writes and wait for those being applied to finish: after this, a scan of the
+        storage sees every write this node ever acknowledged (leaving hands off exactly those)."""
+        self.leaving = True
+        while self._storing:
+            await self._stored.wait()
 
     def _timeout_for(self, items: int) -> float:
         return self.config.rpc_timeout * max(1, items // 64)
@@ -483,6 +521,19 @@ class KVService:
             chunks[-1].append(record)
             used += size
         return chunks
+
+    def _within_skew(self, records: list[Record], source: str) -> list[Record]:
+        """``records`` without those stamped beyond the allowed clock skew (logged, never stored)."""
+        limit = self.clock.limit()
+        kept = [r for r in records if r.version.timestamp <= limit]
+        if len(kept) < len(records):
+            log.warning(
+                "%s: %d records from %s are stamped beyond the allowed clock skew; not stored",
+                self.chord.info,
+                len(records) - len(kept),
+                source,
+            )
+        return kept
 
     async def _store(self, records: list[Record]) -> tuple[int, Version | None]:
         """Keep ``records`` here: how many were kept, and the greatest stored version that beat one."""
@@ -544,16 +595,15 @@ class KVService:
         """Compare digests with ``node`` and exchange the records of the buckets that differ."""
         digests = {str(b): self._digest(entries) for b, entries in buckets.items()}
         try:
-            answer = await self._call(
+            raw = await self._call(
                 node.address,
                 "kv.digests",
                 {"node": self.chord.info.to_wire(), "digests": digests},
                 self.config.rpc_timeout,
             )
-            differing = [int(b) for b in answer.get("differ", []) if str(b).isdigit()]
-            for bucket in differing:
+            for bucket in wire.decode(wire.DigestsAnswer, raw, self._limits).differ:
                 entries = buckets.get(bucket, {})
-                answer = await self._call(
+                raw = await self._call(
                     node.address,
                     "kv.compare",
                     {
@@ -563,8 +613,9 @@ class KVService:
                     },
                     self.config.rpc_timeout,
                 )
-                wanted = [_unb64(k) for k in answer.get("want", [])]
-                theirs = [_record(r) for r in answer.get("records", [])]
+                answer = wire.decode(wire.CompareAnswer, raw, self._limits)
+                wanted = answer.want
+                theirs = self._within_skew([r.record() for r in answer.records], node.address)
                 report.pulled += (await self._store(theirs))[0]
                 mine = [r for r in [await self.storage.get(k) for k in wanted] if r is not None]
                 if mine:
@@ -636,66 +687,50 @@ class KVService:
 
     def handlers(self) -> dict[str, Handler]:
         """The RPC methods this service adds to the node, by name."""
+        limits = self._limits
         return {
-            "kv.read_many": self._rpc_read_many,
-            "kv.store": self._rpc_store,
-            "kv.digests": self._rpc_digests,
-            "kv.compare": self._rpc_compare,
+            "kv.read_many": wire.serve(wire.ReadMany, self._rpc_read_many, limits),
+            "kv.store": wire.serve(wire.Store, self._rpc_store, limits),
+            "kv.digests": wire.serve(wire.Digests, self._rpc_digests, limits),
+            "kv.compare": wire.serve(wire.Compare, self._rpc_compare, limits),
         }
 
-    async def _rpc_read_many(self, payload: Payload) -> Payload:
-        keys = payload.get("keys")
-        if not isinstance(keys, list) or len(keys) > 4096:
-            raise BadRequestError("'keys' must be a list of at most 4096 base64 keys")
-        found = [await self.storage.get(_unb64(k)) for k in keys]
+    async def _rpc_read_many(self, message: wire.ReadMany) -> Payload:
+        found = [await self.storage.get(key) for key in message.keys]
         return {"records": [r.to_wire() if r else None for r in found]}
 
-    async def _rpc_store(self, payload: Payload) -> Payload:
-        raw = payload.get("records")
-        if not isinstance(raw, list):
-            raise BadRequestError("'records' must be a list")
-        records = [_record(r) for r in raw]
-        for record in records:
-            if len(record.key) > self.config.max_key_bytes or (
-                record.value is not None and len(record.value) > self.config.max_value_bytes
-            ):
-                raise TooLargeError("a record is over the size limits")
-        results = await self._store_each(records)
+    async def _rpc_store(self, message: wire.Store) -> Payload:
+        records = [r.record() for r in message.records]
+        for record in records:  # checked before any is stored: a refused request changes nothing
+            ahead = self.clock.ahead(record.version.timestamp)
+            if ahead > self.config.max_clock_skew:
+                raise ClockSkewError(
+                    f"a record is stamped {ahead:.0f} s ahead of this node's clock "
+                    f"(the limit is {self.config.max_clock_skew:g} s)"
+                )
+        async with self._storing_here():
+            results = await self._store_each(records)
         return {"each": [[kept, v.to_wire() if v else None] for kept, v in results]}
 
-    async def _rpc_digests(self, payload: Payload) -> Payload:
-        peer = _node(payload.get("node"))
-        theirs = payload.get("digests")
-        if not isinstance(theirs, dict):
-            raise BadRequestError("'digests' must be an object")
+    async def _rpc_digests(self, message: wire.Digests) -> Payload:
         if not self._placed:  # no pass yet: nothing to compare with, and every bucket would look different
             return {"differ": []}
-        mine = self._shared.get(peer.address, {})
-        buckets = {str(b) for b in mine} | set(theirs)
-        differ = [b for b in buckets if theirs.get(b) != self._digest(mine.get(int(b), {}))]
-        return {"differ": sorted(differ, key=int)}
+        theirs = {int(b): list(digest) for b, digest in message.digests.items()}
+        mine = self._shared.get(message.node.address, {})
+        buckets = set(mine) | set(theirs)
+        return {"differ": sorted(b for b in buckets if theirs.get(b) != self._digest(mine.get(b, {})))}
 
-    async def _rpc_compare(self, payload: Payload) -> Payload:
-        peer = _node(payload.get("node"))
-        bucket = payload.get("bucket")
-        entries = payload.get("entries")
-        if type(bucket) is not int or not isinstance(entries, list):
-            raise BadRequestError("'bucket' must be an integer and 'entries' a list")
+    async def _rpc_compare(self, message: wire.Compare) -> Payload:
+        peer, bucket = message.node.value(), message.bucket
         want: list[str] = []
         newer: list[Payload] = []
         listed: set[bytes] = set()
-        for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 3):
-                raise BadRequestError("an entry is [key, timestamp, node]")
-            key = _unb64(entry[0])
-            try:
-                version = Version.from_wire(entry[1:])
-            except ValueError as exc:
-                raise BadRequestError(str(exc)) from exc
+        for key, timestamp, writer in message.entries:
+            version = Version(timestamp, writer)
             listed.add(key)
             record = await self.storage.get(key)
             if record is None or record.version < version:
-                want.append(entry[0])
+                want.append(_b64(key))
             elif record.version > version:
                 newer.append(record.to_wire())
         # records this node thinks the peer should hold in this bucket but the peer did not list

@@ -27,6 +27,7 @@ import pluggy
 from balancer.chord import Chord
 from balancer.config import Config
 from balancer.errors import BalancerError, PeerUnreachableError, RingError
+from balancer.failure import FailureDetector
 from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Transport
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
@@ -80,6 +81,8 @@ class Node(PublicApi):
         self._random = random.Random(self.config.seed)
         self._membership_changed = asyncio.Event()
         self._chord: Chord | None = None
+        self.detector = FailureDetector(self.config.rpc_timeout, self.config.phi_threshold)
+        """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
         self.started = False
         self.stopped = False
@@ -101,16 +104,18 @@ class Node(PublicApi):
         address = f"{self.config.advertised}:{port}"
         ident = self.config.node_id if self.config.node_id is not None else self.space.id(address)
         info = NodeInfo(ident, address)
+        call = self.detector.monitor(self.transport.call)
         self._chord = chord = Chord(
             info,
-            self.transport.call,
+            call,
             space=self.space,
             successors=self.config.successors,
             timeout=self.config.rpc_timeout,
             settings=self.config.ring_settings(),
             on_event=self._on_ring_event,
+            detector=self.detector,
         )
-        self._kv = KVService(chord, self.storage, self.strategy, self.transport.call, self.config, self._emit)
+        self._kv = KVService(chord, self.storage, self.strategy, call, self.config, self._emit)
         chord.on_predecessor_change(self._on_predecessor_change)
         self._handlers.update(chord.handlers())
         self._handlers.update(self._kv.handlers())
@@ -156,8 +161,11 @@ class Node(PublicApi):
         if self.stopped or self._chord is None or self._kv is None:
             await self.close()
             return
-        await self._stop_tasks()
         chord, kv = self._chord, self._kv
+        # Take no more writes (coordinators send them to the next replicas instead), and let those being
+        # applied finish: the hand-off below then carries every write this node acknowledged.
+        await kv.quiesce()
+        await self._stop_tasks()
         await kv.drain()
         heirs = [s for s in chord.successors if s != chord.info][: self.config.replicas]
         if heirs:

@@ -215,7 +215,10 @@ def _reaching(address: str) -> Iterator[None]:
     except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError on Python >= 3.11
         raise PeerUnreachableError(address, "timed out") from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise PeerUnreachableError(address, str(exc) or type(exc).__name__) from exc
+        # a refused connection means no process listens there; a reset or a timeout may be a slow peer
+        cause = getattr(exc, "os_error", exc)
+        refused = isinstance(cause, ConnectionRefusedError)
+        raise PeerUnreachableError(address, str(exc) or type(exc).__name__, refused=refused) from exc
 
 
 def _answer(status: int, body: bytes) -> Payload:

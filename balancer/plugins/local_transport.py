@@ -60,7 +60,11 @@ class LocalNetwork:
         handlers = self.servers.get(address)
         if handlers is None or frozenset((source, address)) in self.cut:
             self.failures += 1
-            raise PeerUnreachableError(address, "down" if address in self.down else "no such node")
+            if handlers is None:  # nothing listens there: as certain as a refused connection
+                raise PeerUnreachableError(
+                    address, "down" if address in self.down else "no such node", refused=True
+                )
+            raise PeerUnreachableError(address, "the link is cut")
         handler = handlers.get(method)
         if handler is None:
             raise UnknownMethodError(f"unknown method {method!r}")
@@ -77,7 +81,7 @@ class LocalNetwork:
             raise RemoteError(type(exc).__name__, str(exc)) from exc
         if address not in self.servers:  # the node died while handling the call
             self.failures += 1
-            raise PeerUnreachableError(address, "died during the call")
+            raise PeerUnreachableError(address, "died during the call", refused=True)
         if not self.wire:
             return result
         raw = orjson.dumps(result)

@@ -1,0 +1,151 @@
+"""Failure detection that adapts to each peer: a slow peer is suspected, only a silent one is declared dead.
+
+A fixed timeout cannot tell a dead peer from one that is merely slow (a busy machine, a long pause of the
+garbage collector, a burst of requests), and declaring a live peer dead costs the ring a repair for
+nothing and the client a failed quorum. :class:`FailureDetector` keeps, per peer:
+
+- the round-trip times of its answers (a smoothed mean and deviation, as TCP does), from which each
+  call's timeout is drawn: ``srtt + 4 * rttvar``, never below the configured ``rpc_timeout`` and at most
+  eight times it, so calls to a peer that answers slowly wait for it instead of failing;
+- the times between its answers, from which the suspicion of a silent peer grows, in the manner of the
+  phi-accrual detector (Hayashibara et al., 2004; used by Cassandra and Akka): with answers arriving at
+  mean interval ``m``, after ``t`` seconds of silence ``phi = t / m * log10(e)``, the exponential
+  distribution's ``-log10 P(silence >= t)``. A peer is *failed* once ``phi`` reaches the threshold
+  (8 by default: about 18 mean intervals of silence), or at once when it refuses connections, which only
+  a peer whose process is gone does.
+
+Until then a peer that missed a call is *suspect*: routing prefers other peers, but nothing is forgotten.
+The interval mean is kept within ``[rpc_timeout / 2, 4 * rpc_timeout]``, so a peer called rarely is not
+condemned by one missed call, nor a peer called constantly by a short pause.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from balancer.errors import BalancerError, PeerUnreachableError
+
+__all__ = ["FailureDetector", "PeerHealth"]
+
+_LOG10_E = math.log10(math.e)
+
+Call = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class PeerHealth:
+    """What the detector knows of one peer."""
+
+    last_heard: float
+    """When the peer last answered (or was first called, if it never has)."""
+    interval: float
+    """Smoothed mean time between its answers, in seconds."""
+    srtt: float | None = None
+    """Smoothed round-trip time, in seconds (``None`` until the first answer)."""
+    rttvar: float = 0.0
+    """Smoothed round-trip deviation, in seconds."""
+    suspect: bool = False
+    """Whether the last call to it failed."""
+    refused: bool = False
+    """Whether the last call found no process listening: failed without doubt."""
+
+
+class FailureDetector:
+    """Per-peer round-trip statistics and suspicion, fed by every call a node makes.
+
+    :param base_timeout: the shortest timeout of a call (``Config.rpc_timeout``).
+    :param threshold: the ``phi`` at which a silent peer is declared failed.
+    :param clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        base_timeout: float,
+        threshold: float = 8.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base_timeout = base_timeout
+        self.threshold = threshold
+        self._clock = clock
+        self._peers: dict[str, PeerHealth] = {}
+
+    def _health(self, address: str) -> PeerHealth:
+        health = self._peers.get(address)
+        if health is None:
+            # no history: assume answers every base timeout, heard just now
+            health = self._peers[address] = PeerHealth(self._clock(), self.base_timeout)
+        return health
+
+    def timeout(self, address: str, at_least: float) -> float:
+        """The timeout of a call to ``address``: ``at_least``, longer for a peer that answers slowly."""
+        health = self._peers.get(address)
+        if health is None or health.srtt is None:
+            return at_least
+        adaptive = health.srtt + 4 * health.rttvar
+        return max(at_least, min(adaptive, 8 * self.base_timeout))
+
+    def answered(self, address: str, rtt: float) -> None:
+        """Record an answer from ``address`` that took ``rtt`` seconds."""
+        now = self._clock()
+        health = self._health(address)
+        gap = now - health.last_heard
+        low, high = self.base_timeout / 2, 4 * self.base_timeout
+        health.interval = min(high, max(low, 0.9 * health.interval + 0.1 * gap))
+        health.last_heard = now
+        if health.srtt is None:
+            health.srtt, health.rttvar = rtt, rtt / 2
+        else:
+            health.rttvar = 0.75 * health.rttvar + 0.25 * abs(health.srtt - rtt)
+            health.srtt = 0.875 * health.srtt + 0.125 * rtt
+        health.suspect = health.refused = False
+
+    def missed(self, address: str, exc: PeerUnreachableError) -> None:
+        """Record a call to ``address`` that failed with ``exc``."""
+        health = self._health(address)
+        health.suspect = True
+        health.refused = exc.refused
+
+    def phi(self, address: str) -> float:
+        """The suspicion of ``address`` now: 0 for a peer never called, growing with its silence."""
+        health = self._peers.get(address)
+        if health is None:
+            return 0.0
+        return max(0.0, self._clock() - health.last_heard) / health.interval * _LOG10_E
+
+    def suspect(self, address: str) -> bool:
+        """Whether the last call to ``address`` failed (routing should prefer other peers)."""
+        health = self._peers.get(address)
+        return health is not None and health.suspect
+
+    def failed(self, address: str) -> bool:
+        """Whether ``address`` is to be declared failed: it refused a connection, or was silent too long."""
+        health = self._peers.get(address)
+        if health is None or not health.suspect:
+            return False
+        return health.refused or self.phi(address) >= self.threshold
+
+    def forget(self, address: str) -> None:
+        """Drop what is known of ``address`` (it left, or was declared failed)."""
+        self._peers.pop(address, None)
+
+    def monitor(self, call: Call) -> Call:
+        """``call`` with adaptive timeouts, every answer and failure recorded here."""
+
+        async def monitored(address: str, method: str, payload: dict[str, Any], timeout: float) -> Any:
+            started = self._clock()
+            try:
+                answer = await call(address, method, payload, self.timeout(address, timeout))
+            except PeerUnreachableError as exc:
+                self.missed(address, exc)
+                raise
+            except BalancerError:  # an error answer is still an answer: the peer is alive
+                self.answered(address, self._clock() - started)
+                raise
+            self.answered(address, self._clock() - started)
+            return answer
+
+        return monitored

@@ -1,0 +1,283 @@
+"""Every RPC's request and answer, declared once, and decoded once against those declarations.
+
+A payload that crosses the wire reaches a handler only after :func:`decode` has checked its shape, types
+and ranges: integers that do not fit (a version timestamp beyond 2**63 - 1, a node id beyond the ring's
+2**bits), keys and values over their limits, lists longer than a message may carry, base64 that is not.
+Anything else is refused with :class:`~balancer.errors.BadRequestError` (HTTP 400) before any state
+changes. Answers from peers are decoded the same way, so a confused or hostile peer cannot hand a node
+values it would not accept in a request.
+
+Static limits live in the declarations (msgspec ``Meta``); those that depend on a node's settings (id
+bits, key and value sizes) in :class:`Limits`, applied by :func:`decode` to every node, version and
+record found in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from balancer.errors import BadRequestError
+from balancer.types import NodeInfo, Record, Version
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_SUCCESSORS",
+    "Compare",
+    "CompareAnswer",
+    "Digests",
+    "DigestsAnswer",
+    "Empty",
+    "FindStep",
+    "FindStepAnswer",
+    "Join",
+    "JoinAnswer",
+    "Leaving",
+    "Limits",
+    "Notify",
+    "Ping",
+    "ReadMany",
+    "ReadManyAnswer",
+    "State",
+    "Store",
+    "StoreAnswer",
+    "WireNode",
+    "WireRecord",
+    "WireVersion",
+    "decode",
+    "serve",
+]
+
+MAX_BATCH = 4096
+"""Most keys or records one message may carry."""
+MAX_SUCCESSORS = 64
+"""Most nodes a successor list or a list of closer nodes may name."""
+
+_U63 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+_Id = Annotated[int, Meta(ge=0)]  # below 2**bits: checked against Limits
+_Address = Annotated[str, Meta(min_length=3, max_length=300, pattern=r"^[^\s/@?#]+:[0-9]{1,5}$")]
+_Bucket = Annotated[int, Meta(ge=0, lt=64)]
+_Nodes = Annotated[list["WireNode"], Meta(max_length=4 * MAX_SUCCESSORS)]
+
+T = TypeVar("T", bound=Struct)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ranges that depend on a node's settings."""
+
+    bits: int = 64
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1 << 20
+
+
+# -- values -------------------------------------------------------------------------------------------
+
+
+class WireNode(Struct, array_like=True, frozen=True):
+    """A ring member on the wire: ``[id, "host:port"]``."""
+
+    id: _Id
+    address: _Address
+
+    def value(self) -> NodeInfo:
+        """As a :class:`NodeInfo`."""
+        return NodeInfo(self.id, self.address)
+
+
+class WireVersion(Struct, array_like=True, frozen=True):
+    """A version on the wire: ``[timestamp, writer id]``."""
+
+    timestamp: _U63
+    node: _Id
+
+    def value(self) -> Version:
+        """As a :class:`Version`."""
+        return Version(self.timestamp, self.node)
+
+
+class WireRecord(Struct, frozen=True, forbid_unknown_fields=True):
+    """A record on the wire: base64 key and value (``null`` for a tombstone), and its version."""
+
+    key: bytes
+    value: bytes | None
+    version: WireVersion
+
+    def record(self) -> Record:
+        """As a :class:`Record`."""
+        return Record(self.key, self.value, self.version.value())
+
+
+# -- requests and answers, by method ------------------------------------------------------------------
+
+
+class Empty(Struct, frozen=True):
+    """A request or answer with no fields (``chord.state``, ``chord.notify``'s answer, ...)."""
+
+
+class Ping(Struct, frozen=True):
+    """``chord.ping``'s answer: the id of the node that answered."""
+
+    id: _Id
+
+
+class State(Struct, frozen=True):
+    """``chord.state``'s answer: the node's predecessor and successor list."""
+
+    successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS)]
+    predecessor: WireNode | None = None
+
+
+class Notify(Struct, frozen=True):
+    """``chord.notify``: ``node`` thinks it might be the receiver's predecessor."""
+
+    node: WireNode
+
+
+class FindStep(Struct, frozen=True):
+    """``chord.find_step``: one hop of an iterative lookup of ``id``."""
+
+    id: _Id
+
+
+class FindStepAnswer(Struct, frozen=True):
+    """``chord.find_step``'s answer: the owner and its successors (``done``), or closer nodes to ask."""
+
+    done: bool
+    successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS + 1)]
+    closer: _Nodes = []
+
+
+class Join(Struct, frozen=True):
+    """``chord.join``: ``node`` asks where it belongs; ``settings`` must equal the ring's."""
+
+    node: WireNode
+    settings: Annotated[dict[str, int], Meta(max_length=32)]
+
+
+class JoinAnswer(Struct, frozen=True):
+    """``chord.join``'s answer: the joiner's successor, then the nodes after it."""
+
+    successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS + 1)]
+    hops: Annotated[int, Meta(ge=0, le=1 << 16)] = 0
+
+
+class Leaving(Struct, frozen=True):
+    """``chord.leaving``: ``node`` leaves gracefully, naming its predecessor and successors."""
+
+    node: WireNode
+    successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS)] = []
+    predecessor: WireNode | None = None
+
+
+class ReadMany(Struct, frozen=True):
+    """``kv.read_many``: the records held for these keys."""
+
+    keys: Annotated[list[bytes], Meta(max_length=MAX_BATCH)]
+
+
+class ReadManyAnswer(Struct, frozen=True):
+    """``kv.read_many``'s answer: one record (or ``null``) per key, in order."""
+
+    records: Annotated[list[WireRecord | None], Meta(max_length=MAX_BATCH)]
+
+
+class Store(Struct, frozen=True):
+    """``kv.store``: keep each record unless a greater version is held."""
+
+    records: Annotated[list[WireRecord], Meta(max_length=MAX_BATCH)]
+
+
+class StoreAnswer(Struct, frozen=True):
+    """``kv.store``'s answer: per record, whether it was kept and the greater version that beat it."""
+
+    each: Annotated[list[tuple[bool, WireVersion | None]], Meta(max_length=MAX_BATCH)]
+
+
+class Digests(Struct, frozen=True):
+    """``kv.digests``: per bucket of shared records, ``[count, hex digest]``."""
+
+    node: WireNode
+    digests: Annotated[
+        dict[Annotated[str, Meta(pattern=r"^[0-9]{1,2}$")], tuple[_U63, Annotated[str, Meta(max_length=32)]]],
+        Meta(max_length=64),
+    ]
+
+
+class DigestsAnswer(Struct, frozen=True):
+    """``kv.digests``'s answer: the buckets whose digests differ."""
+
+    differ: Annotated[list[_Bucket], Meta(max_length=64)]
+
+
+class Compare(Struct, frozen=True):
+    """``kv.compare``: the keys and versions the caller holds in one bucket."""
+
+    node: WireNode
+    bucket: _Bucket
+    entries: Annotated[list[tuple[bytes, _U63, _Id]], Meta(max_length=1 << 20)]
+
+
+class CompareAnswer(Struct, frozen=True):
+    """``kv.compare``'s answer: keys the receiver wants, and its newer records."""
+
+    want: Annotated[list[bytes], Meta(max_length=1 << 20)]
+    records: Annotated[list[WireRecord], Meta(max_length=1 << 20)]
+
+
+# -- decoding -----------------------------------------------------------------------------------------
+
+
+def _check(value: Any, limits: Limits, size: int) -> None:
+    """Apply the setting-dependent ranges to every node, version and record inside ``value``."""
+    if isinstance(value, WireNode):
+        if value.id >= size:
+            raise BadRequestError(f"node id {value.id} is outside the {limits.bits}-bit ring")
+    elif isinstance(value, WireVersion):
+        if value.node >= size:
+            raise BadRequestError(f"writer id {value.node} is outside the {limits.bits}-bit ring")
+    elif isinstance(value, WireRecord):
+        if not value.key or len(value.key) > limits.max_key_bytes:
+            raise BadRequestError(f"a record's key must be 1 to {limits.max_key_bytes} bytes")
+        if value.value is not None and len(value.value) > limits.max_value_bytes:
+            raise BadRequestError(f"a record's value is over the limit of {limits.max_value_bytes} bytes")
+        _check(value.version, limits, size)
+    elif isinstance(value, Struct):
+        for name in value.__struct_fields__:
+            _check(getattr(value, name), limits, size)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if not isinstance(item, int | bytes | str):
+                _check(item, limits, size)
+
+
+def decode(schema: type[T], payload: Any, limits: Limits) -> T:
+    """``payload`` as a ``schema`` message; raises :class:`BadRequestError` naming the first bad field."""
+    try:
+        message = msgspec.convert(payload, schema)
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(f"malformed {schema.__name__}: {exc}") from None
+    size = 1 << limits.bits
+    _check(message, limits, size)
+    # ids that are bare integers rather than nodes or versions
+    if isinstance(message, FindStep | Ping) and message.id >= size:
+        raise BadRequestError(f"id {message.id} is outside the {limits.bits}-bit ring")
+    if isinstance(message, Compare) and any(writer >= size for _, _, writer in message.entries):
+        raise BadRequestError(f"a writer id is outside the {limits.bits}-bit ring")
+    return message
+
+
+def serve(
+    schema: type[T], handler: Callable[[T], Awaitable[dict[str, Any]]], limits: Limits
+) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """An RPC handler that decodes its payload as ``schema`` before ``handler`` sees it."""
+
+    async def decoded(payload: dict[str, Any]) -> dict[str, Any]:
+        return await handler(decode(schema, payload, limits))
+
+    decoded.__name__ = getattr(handler, "__name__", "handler")
+    return decoded
