@@ -101,7 +101,7 @@ async def test_graceful_leave_rewires_neighbours_at_once(network: LocalNetwork) 
     assert a.successor == c.info
     assert c.predecessor == a.info
     with pytest.raises(RingError):
-        await b._rpc_ping({})
+        await b.handlers()["chord.ping"]({})
 
 
 async def test_lookup_skips_a_dead_hop_with_one_failed_call(network: LocalNetwork) -> None:
