@@ -6,7 +6,8 @@ nothing and the client a failed quorum. :class:`FailureDetector` keeps, per peer
 
 - the round-trip times of its answers (a smoothed mean and deviation, as TCP does), from which each
   call's timeout is drawn: ``srtt + 4 * rttvar``, never below the configured ``rpc_timeout`` and at most
-  eight times it, so calls to a peer that answers slowly wait for it instead of failing;
+  eight times it, doubled after each timeout until the peer answers again, so calls to a peer that
+  answers slowly wait for it instead of failing;
 - the times between its answers, from which the suspicion of a silent peer grows, in the manner of the
   phi-accrual detector (Hayashibara et al., 2004; used by Cassandra and Akka): with answers arriving at
   mean interval ``m``, after ``t`` seconds of silence ``phi = t / m * log10(e)``, the exponential
@@ -48,6 +49,9 @@ class PeerHealth:
     """Smoothed round-trip time, in seconds (``None`` until the first answer)."""
     rttvar: float = 0.0
     """Smoothed round-trip deviation, in seconds."""
+    backoff: float = 1.0
+    """Factor on the next call's timeout: doubled by each timeout, reset by an answer (as TCP does), so
+    a peer consistently slower than the timeout is soon given the time it needs."""
     suspect: bool = False
     """Whether the last call to it failed."""
     refused: bool = False
@@ -83,10 +87,10 @@ class FailureDetector:
     def timeout(self, address: str, at_least: float) -> float:
         """The timeout of a call to ``address``: ``at_least``, longer for a peer that answers slowly."""
         health = self._peers.get(address)
-        if health is None or health.srtt is None:
+        if health is None:
             return at_least
-        adaptive = health.srtt + 4 * health.rttvar
-        return max(at_least, min(adaptive, 8 * self.base_timeout))
+        adaptive = self.base_timeout if health.srtt is None else health.srtt + 4 * health.rttvar
+        return max(at_least, min(max(adaptive, self.base_timeout) * health.backoff, 8 * self.base_timeout))
 
     def answered(self, address: str, rtt: float) -> None:
         """Record an answer from ``address`` that took ``rtt`` seconds."""
@@ -102,12 +106,14 @@ class FailureDetector:
             health.rttvar = 0.75 * health.rttvar + 0.25 * abs(health.srtt - rtt)
             health.srtt = 0.875 * health.srtt + 0.125 * rtt
         health.suspect = health.refused = False
+        health.backoff = 1.0
 
     def missed(self, address: str, exc: PeerUnreachableError) -> None:
         """Record a call to ``address`` that failed with ``exc``."""
         health = self._health(address)
         health.suspect = True
         health.refused = exc.refused
+        health.backoff = min(2 * health.backoff, 8.0)
 
     def phi(self, address: str) -> float:
         """The suspicion of ``address`` now: 0 for a peer never called, growing with its silence."""

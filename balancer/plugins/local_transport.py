@@ -7,6 +7,7 @@ cut a single link, so failures are simulated deterministically; every payload ma
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -115,9 +116,14 @@ class LocalTransport(Transport):
         return port
 
     async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:
+        """Deliver the call in-process; a handler slower than ``timeout`` fails it, as on a network."""
         if self.address and self.address not in self.network.servers:
             raise PeerUnreachableError(address, "this node is down")
-        return await self.network.deliver(self.address, address, method, payload)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.network.deliver(self.address, address, method, payload)
+        except TimeoutError:
+            raise PeerUnreachableError(address, "timed out") from None
 
     async def aclose(self) -> None:
         if self.network.servers.get(self.address) is not None:

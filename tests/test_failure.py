@@ -1,0 +1,168 @@
+"""Failure detection: a slow peer is suspected and waited for, a silent one declared failed, a refusing
+one failed at once; and the coordinator paths that give up on a peer leave nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest
+from helpers import RingFactory
+
+from balancer.errors import PeerUnreachableError, QuorumError
+from balancer.failure import FailureDetector
+from balancer.plugins.local_transport import LocalNetwork
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timeout(address: str = "peer:1") -> PeerUnreachableError:
+    return PeerUnreachableError(address, "timed out")
+
+
+def test_a_peer_that_misses_one_call_is_only_suspected() -> None:
+    clock = FakeClock()
+    detector = FailureDetector(1.0, threshold=8.0, clock=clock)
+    for _ in range(20):  # answers every half second
+        clock.now += 0.5
+        detector.answered("peer:1", 0.01)
+    clock.now += 1.0
+    detector.missed("peer:1", _timeout())
+    assert detector.suspect("peer:1")
+    assert not detector.failed("peer:1")
+    detector.answered("peer:1", 0.9)  # it was only slow
+    assert not detector.suspect("peer:1")
+
+
+def test_a_silent_peer_is_failed_once_phi_reaches_the_threshold() -> None:
+    clock = FakeClock()
+    detector = FailureDetector(1.0, threshold=8.0, clock=clock)
+    for _ in range(20):
+        clock.now += 0.5
+        detector.answered("peer:1", 0.01)
+    detector.missed("peer:1", _timeout())
+    silences = []
+    while not detector.failed("peer:1"):
+        clock.now += 0.5
+        detector.missed("peer:1", _timeout())
+        silences.append(clock.now)
+        assert len(silences) < 100
+    # about 18 mean intervals of silence (the mean has come down to about 0.56 s from its first guess,
+    # the base timeout; it is never below half of that)
+    assert 9.0 <= len(silences) * 0.5 <= 11.0
+    assert detector.phi("peer:1") >= 8.0
+
+
+def test_a_refused_connection_fails_the_peer_at_once() -> None:
+    detector = FailureDetector(1.0, clock=FakeClock())
+    detector.answered("peer:1", 0.01)
+    detector.missed("peer:1", PeerUnreachableError("peer:1", "connection refused", refused=True))
+    assert detector.failed("peer:1")
+
+
+def test_timeouts_follow_a_slow_peer_within_bounds() -> None:
+    clock = FakeClock()
+    detector = FailureDetector(0.5, clock=clock)
+    assert detector.timeout("peer:1", 0.5) == 0.5  # nothing known yet: the base timeout
+    for _ in range(10):
+        clock.now += 1
+        detector.answered("peer:1", 0.8)  # slower than the base timeout, consistently
+    assert 0.8 < detector.timeout("peer:1", 0.5) <= 4.0
+    for _ in range(10):
+        clock.now += 1
+        detector.answered("peer:1", 60.0)
+    assert detector.timeout("peer:1", 0.5) == 4.0  # at most eight base timeouts
+    assert detector.timeout("peer:1", 30.0) == 30.0  # a caller's longer deadline is kept
+
+
+async def test_a_slow_replica_is_waited_for_and_not_forgotten(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3, rpc_timeout=0.2)
+    await nodes[0].put("k", b"v")
+    slow = nodes[1]
+    handlers = network.servers[slow.address]
+    delayed = dict(handlers)
+
+    def slowly(method: str) -> Any:
+        async def handler(payload: dict[str, Any]) -> dict[str, Any]:
+            await asyncio.sleep(0.3)  # one and a half base timeouts: slow, not dead
+            return await handlers[method](payload)
+
+        return handler
+
+    for method in ("kv.read_many", "kv.store", "chord.state", "chord.ping", "chord.notify"):
+        delayed[method] = slowly(method)
+    network.servers[slow.address] = delayed
+    forgotten: list[str] = []
+    for node in (nodes[0], nodes[2]):
+        forget = node.chord.forget
+
+        def recorded(peer: Any, event: str = "failed", forget: Any = forget) -> None:
+            forgotten.append(peer.address)
+            forget(peer, event)
+
+        node.chord.forget = recorded  # type: ignore[method-assign,assignment]
+    for i in range(5):
+        await nodes[0].put("k", f"v{i}".encode())
+        assert await nodes[2].get("k") == f"v{i}".encode()
+        for node in (nodes[0], nodes[2]):
+            await node.chord.stabilize()
+            await node.chord.check_predecessor()
+    assert slow.address not in forgotten
+
+
+async def test_after_a_failure_a_node_counts_itself_in_its_replica_sets(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3)
+    await nodes[0].put("k", b"v")
+    dead = nodes[2]
+    network.kill(dead.address)
+    for node in nodes[:2]:
+        node.chord.forget(dead.info)  # as a failed call would, before any stabilization round
+    for node in nodes[:2]:
+        replicas, _ = await node.kv.replica_set(b"k")
+        assert {r.address for r in replicas} == {nodes[0].address, nodes[1].address}
+        assert await node.get("k") == b"v"  # R = 2 of the 2 nodes alive: no QuorumError
+
+
+async def test_a_cancelled_read_leaves_no_task_unattended(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3)
+    await nodes[0].put("k", b"v")
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    paused = asyncio.Event()
+    for node in nodes[1:]:
+        handlers = network.servers[node.address]
+        original = handlers["kv.read_many"]
+
+        async def held(payload: dict[str, Any], original: Any = original) -> Any:
+            await paused.wait()
+            return await original(payload)
+
+        network.servers[node.address] = {**handlers, "kv.read_many": held}
+    reader = nodes[0]
+    for _ in range(20):
+        with pytest.raises((TimeoutError, QuorumError)):
+            async with asyncio.timeout(0.01):  # the client gives up while the replicas are paused
+                await reader.kv.read(b"k")
+    for node in nodes[1:]:  # the paused replicas then fail
+        network.kill(node.address)
+    paused.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not [e for e in errors if "never retrieved" in str(e.get("message"))], errors
