@@ -296,12 +296,17 @@ async def test_a_ring_of_three_keeps_each_nodes_metrics_apart() -> None:
                 check_histogram(families["balancer_kv_operation_duration_seconds"], DEFAULT_BUCKETS)
 
             # a graceful leave: the leaver hands its records to both heirs, both neighbours count a leave
+            # (counted across the leave alone: on a busy machine a maintenance pass may have moved some
+            # records while the ring was forming)
+            before = value(
+                parse(exporter.render(third.view(), records=0)), "balancer_records_handed_off_total"
+            )
             await third.leave()
             for node in (first, second):
                 assert value(await scrape(http, node), "balancer_ring_events_total", event="left") == 1
             # it no longer serves /metrics, but the exporter still holds its counts
             leaver = parse(exporter.render(third.view(), records=0))
-            assert value(leaver, "balancer_records_handed_off_total") == 2 * keys
+            assert value(leaver, "balancer_records_handed_off_total") - before == 2 * keys
 
             # a crash: the survivor stops trusting the dead node and counts a failure
             await second.close()
