@@ -262,12 +262,17 @@ class GatedHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         """Answer a request aiohttp could not parse (or hand over) with the JSON error shape.
 
-        Logs one line, never a traceback: a malformed request is the client's fault, and a flood of them
-        must not become a flood of tracebacks.
+        Logs one line, never a traceback, for a 4xx: a malformed request is the client's fault, and a flood
+        of them must not become a flood of tracebacks. A 5xx (the server's fault) keeps its traceback.
         """
         reason = getattr(exc, "message", None) or message or (str(exc) if exc else None)
         reason = (reason or HTTPStatus(status).phrase).strip().replace("\n", " ")[:300]
-        log.info("refused a malformed request from %s: %d %s", request.remote, status, reason)
+        if status >= 500:  # not the client's fault: keep what explains it
+            log.error(
+                "error answering a request from %s: %d %s", request.remote, status, reason, exc_info=exc
+            )
+        else:
+            log.info("refused a malformed request from %s: %d %s", request.remote, status, reason)
         if request.writer.output_size > 0:  # an answer is under way: the connection can only be dropped
             raise ConnectionError("an answer was already being sent")
         kind = "BadRequestError" if status == 400 else HTTPStatus(status).phrase.replace(" ", "")
