@@ -8,10 +8,14 @@ backends, where the load is the number of requests in flight. If the owner is th
 handled here; otherwise it is proxied to the owner (bodies streamed both ways, hop-by-hop headers
 stripped) or, in ``"redirect"`` mode, answered with 307 to the owner.
 
-Every forwarded request carries ``X-Balancer-Hops``. With a balancer, the server that forwards a request
-has made the choice (and counts its load), so the receiver serves it. With a ring, a receiver whose view
-names another owner forwards again, but a request already forwarded ``max_hops`` times is refused with
-508, so two servers that disagree about an owner cannot bounce a request forever. An owner that cannot be
+Every forwarded request carries ``X-Balancer-Hops``. With a ring, a receiver whose view names another
+owner forwards again, but a request already forwarded ``max_hops`` times is refused with 508, so two servers
+that disagree about an owner cannot bounce a request forever. With a balancer, the server that forwards a
+request has made the choice (and counts its load), so the receiver serves it, but only if the forward is
+proven: routers sharing a secret (``secret=``, or a ring node's cluster secret) add ``X-Balancer-Forwarded``,
+an HMAC over the hop count, method, destination, path and a timestamp. A hop count a client wrote itself
+is only counted for the loop guard and never makes a server skip routing; one that is not a small decimal
+number gets 400. An owner that cannot be
 reached gives 502, one that does not answer in time 504, both with a JSON error saying which.
 
 Client side: :class:`BalancedSession` sends each request to the backend chosen by bounded-load consistent
@@ -21,7 +25,10 @@ hashing of its key, and retries on the key's next candidate when a backend fails
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -33,13 +40,15 @@ from aiohttp.typedefs import Handler as WebHandler
 from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 
+from balancer.auth import rpc_secret
 from balancer.bounded import BoundedLoadBalancer, Lease
-from balancer.errors import BalancerError, CapacityError, ConfigError
+from balancer.errors import BadRequestError, BalancerError, CapacityError, ConfigError
 
 if TYPE_CHECKING:
     from balancer.node import Node
 
 __all__ = [
+    "FORWARDED_HEADER",
     "HOPS_HEADER",
     "KEY_HEADER",
     "ROUTER",
@@ -55,6 +64,8 @@ KEY_HEADER = "X-Balancer-Key"
 """Header a client may set to name the routing key when the path has none."""
 HOPS_HEADER = "X-Balancer-Hops"
 """How many times a request has been forwarded already (the loop guard)."""
+FORWARDED_HEADER = "X-Balancer-Forwarded"
+"""``<timestamp ms>:<HMAC>``: proves a router sharing the secret forwarded the request with its hop count."""
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 _HOP_BY_HOP = frozenset(
@@ -88,6 +99,22 @@ def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
 
 
+def _forward_proof(secret: str, hops: int, method: str, owner: str, path_qs: str, timestamp: str) -> str:
+    message = f"{hops}\n{method}\n{owner}\n{path_qs}\n{timestamp}".encode("utf-8", "surrogatepass")
+    return hmac.new(secret.encode("utf-8", "surrogatepass"), message, hashlib.sha256).hexdigest()
+
+
+def _hops(request: web.Request) -> int:
+    """The request's hop count; raises :class:`BadRequestError` unless it is a small decimal number."""
+    given = request.headers.get(HOPS_HEADER)
+    if given is None:
+        return 0
+    # isdigit alone accepts "²" and other digits int() refuses; ASCII and short keeps int() total
+    if not (given.isascii() and given.isdigit() and len(given) <= 3):
+        raise BadRequestError(f"{HOPS_HEADER} must be a number of hops (0 to 999), got {given[:20]!r}")
+    return int(given)
+
+
 def _error(status: int, kind: str, message: str) -> web.Response:
     body = orjson.dumps({"error": {"type": kind, "message": message}})
     return web.Response(status=status, body=body, content_type="application/json")
@@ -109,6 +136,10 @@ class RingRouter:
     :param timeout: seconds a forwarded request may take in all.
     :param max_hops: forwards allowed before a request is refused with 508.
     :param connections: most connections open to all owners together.
+    :param secret: shared by the routers that forward to each other; proves a forward (see the module
+        documentation). By default a ring node's cluster secret (or the key derived from its API token);
+        ``None`` with a balancer: every server re-balances what it receives.
+    :param max_skew: seconds a forward's proof stays good (the routers' clocks may differ this much).
     """
 
     def __init__(
@@ -123,6 +154,8 @@ class RingRouter:
         timeout: float = 30.0,
         max_hops: int = 2,
         connections: int = 256,
+        secret: str | None = None,
+        max_skew: float = 60.0,
     ) -> None:
         if (node is None) == (balancer is None):
             raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
@@ -139,6 +172,10 @@ class RingRouter:
         self.timeout = timeout
         self.max_hops = max_hops
         self.connections = connections
+        if secret is None and node is not None:
+            secret = rpc_secret(node.config.cluster_secret, node.config.api_token)
+        self.secret = secret
+        self.max_skew = max_skew
         self._session: aiohttp.ClientSession | None = None
 
     async def owner(self, key: str) -> str:
@@ -167,11 +204,13 @@ class RingRouter:
             key = self.key(request)
             if key is None:
                 return await handler(request)
-            hops = request.headers.get(HOPS_HEADER, "0")
-            hops_done = int(hops) if hops.isdigit() else 0
+            try:
+                hops_done = _hops(request)
+            except BadRequestError as exc:
+                return _error(400, "BadRequestError", str(exc))
             local = self.local if self.local is not None or self.node is None else self.node.address
             if self.balancer is not None:
-                if hops_done and self.local is not None:
+                if hops_done and self.local is not None and self._proven(request, hops_done):
                     # the server that forwarded it chose this one, counting the load there: serve it
                     return await handler(request)
                 return await self._balanced(request, handler, key, local, hops_done)
@@ -184,6 +223,20 @@ class RingRouter:
             return await self._send(request, owner, hops_done)
 
         return route
+
+    def _proven(self, request: web.Request, hops: int) -> bool:
+        """Whether a router sharing the secret forwarded ``request`` here with this hop count, lately."""
+        if self.secret is None or self.local is None:
+            return False
+        timestamp, _, proof = request.headers.get(FORWARDED_HEADER, "").partition(":")
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 16 and proof.isascii()):
+            return False
+        if abs(time.time() - int(timestamp) / 1000) > self.max_skew:
+            return False
+        expected = _forward_proof(
+            self.secret, hops, request.method, self.local, request.rel_url.path_qs, timestamp
+        )
+        return hmac.compare_digest(expected, proof)
 
     async def _balanced(
         self, request: web.Request, handler: WebHandler, key: str, local: str | None, hops: int
@@ -213,6 +266,13 @@ class RingRouter:
             raise RuntimeError("the router is not started: install it with setup_routing(app, ...)")
         headers = _forwardable(request.headers)
         headers[HOPS_HEADER] = str(hops + 1)
+        headers.popall(FORWARDED_HEADER, None)
+        if self.secret is not None:
+            timestamp = str(int(time.time() * 1000))
+            proof = _forward_proof(
+                self.secret, hops + 1, request.method, owner, request.rel_url.path_qs, timestamp
+            )
+            headers[FORWARDED_HEADER] = f"{timestamp}:{proof}"
         headers["X-Forwarded-For"] = ", ".join(filter(None, [headers.get("X-Forwarded-For"), request.remote]))
         headers["X-Forwarded-Host"] = request.host
         body = request.content if request.body_exists else None

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from balancer import BoundedLoadBalancer, setup_routing
 
+SECRET = "change me: shared by the backends only"
+
 
 def make_app(me: str, backends: list[str]) -> web.Application:
     """One backend: its own handler, plus the middleware that forwards what other backends own."""
@@ -24,7 +26,8 @@ def make_app(me: str, backends: list[str]) -> web.Application:
         return web.json_response({"user": request.match_info["key"], "served_by": me})
 
     app = web.Application()
-    setup_routing(app, balancer=BoundedLoadBalancer(backends, load_factor=1.25), local=me)
+    # the backends share a secret, so each serves what another forwarded to it instead of re-balancing it
+    setup_routing(app, balancer=BoundedLoadBalancer(backends, load_factor=1.25), local=me, secret=SECRET)
     app.router.add_get("/users/{key}/profile", profile)
     return app
 

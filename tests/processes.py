@@ -68,9 +68,16 @@ class Cluster:
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, *, join: str | None = None, extra: tuple[str, ...] = (), port: int | None = None) -> Proc:
+    def start(
+        self,
+        *,
+        join: str | None = None,
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> Proc:
         """Start ``balancer node`` creating a ring (``join=None``) or joining ``join``, on ``port`` or a
-        free one."""
+        free one; ``preexec`` runs in the child before it starts (to set resource limits, say)."""
         port = port or free_port()
         address = f"127.0.0.1:{port}"
         where = ["--join", join] if join else ["--ring"]
@@ -78,7 +85,7 @@ class Cluster:
         command = [sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *extra]
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
             )
         proc = Proc(address, process, log)
         self.procs.append(proc)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import quote
@@ -437,3 +437,111 @@ def test_registers_aiohttp() -> None:
     transport: Transport = registered["aiohttp"](CONFIG)
     assert isinstance(transport, AiohttpTransport)
     assert transport.config is CONFIG
+
+
+# -- malformed requests and the connection gate --------------------------------------------------------------
+
+
+async def raw(address: str, request: bytes, timeout: float = 10.0) -> tuple[bytes, bytes]:
+    """Send ``request`` bytes on a new connection; the answer's head and body (the server closes it)."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(timeout):
+            answer = await reader.read()  # until EOF: a malformed request closes the connection
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /kv/" + b"k" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a 10 KB URL
+        b"GET /status HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
+        b"GET /status HTTP/1.1\r\nX-Flood: " + b"v" * 20_000 + b"\r\n\r\n",  # one huge header
+        b"GET /status HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n",
+    ],
+    ids=["long-url", "many-headers", "huge-header", "malformed-header", "not-http"],
+)
+async def test_protocol_errors_answer_in_json_with_one_log_line(
+    node: Node, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    head, body = await raw(node.address, request_bytes)
+    assert head.split(b"\r\n")[0].split()[1] == b"400", head
+    assert b"Content-Type: application/json" in head
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "BadRequestError"
+    assert error["message"]
+    assert not [r for r in caplog.records if r.exc_info], "a malformed request logged a traceback"
+    assert len([r for r in caplog.records if r.levelno >= logging.INFO and r.name != "aiohttp.access"]) <= 1
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/status") as response:
+        assert response.status == 200  # and the node keeps serving
+
+
+async def test_a_key_at_the_limit_reaches_the_handler_when_percent_encoded(
+    http: aiohttp.ClientSession,
+) -> None:
+    served = await start(Config(max_key_bytes=4096, rpc_timeout=0.5))
+    try:
+        async with http.put(served.kv("é" * 2048), data=b"v") as response:  # 4096 bytes, 12 KB encoded
+            assert response.status == 200
+        async with http.put(served.kv("é" * 2049), data=b"v") as response:
+            assert response.status == 413
+            assert (await error_of(response))["type"] == "TooLargeError"
+    finally:
+        await served.transport.aclose()
+    assert list(served.api.data) == ["é" * 2048]
+
+
+async def test_a_connection_that_sends_no_complete_head_is_closed() -> None:
+    served = await start(Config(header_timeout=0.2, idle_timeout=60))
+    try:
+        host, port = served.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # slowloris: the head never ends
+        async with asyncio.timeout(30):
+            assert await reader.read() == b""  # closed by the server, without an answer
+        writer.close()
+        assert served.transport.gate is not None
+        assert served.transport.gate.counts["header_timeout"] == 1
+    finally:
+        await served.transport.aclose()
+
+
+async def test_idle_public_connections_make_room_and_ring_connections_stay(
+    client: AiohttpTransport, http: aiohttp.ClientSession
+) -> None:
+    served = await start(Config(max_connections=16, rpc_timeout=0.5))
+    gate = served.transport.gate
+    assert gate is not None
+    assert (gate.cap, gate.reserve) == (16, 8)
+    idle: list[socket.socket] = []
+    try:
+        assert await client.call(served.address, "echo", {}, 5.0) == {"echo": {}}
+        assert gate.ring == 1
+        host, port = served.address.rsplit(":", 1)
+        for _ in range(40):
+            sock = socket.create_connection((host, int(port)))
+            idle.append(sock)
+        await _until(lambda: gate.counts["evicted"] >= 40 - (gate.cap - gate.reserve))
+        assert gate.open <= gate.cap
+        async with http.get(f"{served.url}/status") as response:
+            assert response.status == 200
+        assert gate.ring == 1  # the ring connection was never the one evicted
+        assert await client.call(served.address, "echo", {"again": 1}, 5.0) == {"echo": {"again": 1}}
+    finally:
+        for sock in idle:
+            sock.close()
+        await served.transport.aclose()
+
+
+async def _until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)

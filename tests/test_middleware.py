@@ -15,7 +15,7 @@ from aiohttp import web
 
 from balancer import BoundedLoadBalancer, Config, Lookup, Node, NodeInfo
 from balancer.errors import ConfigError
-from balancer.middleware import HOPS_HEADER, BalancedSession, RingRouter, setup_routing
+from balancer.middleware import FORWARDED_HEADER, HOPS_HEADER, BalancedSession, RingRouter, setup_routing
 
 Setup = Callable[[web.Application, str], None]
 
@@ -212,6 +212,7 @@ class Disagreeing:
     def __init__(self, me: str, other: str) -> None:
         self.address = me
         self.other = other
+        self.config = Config()
 
     async def lookup(self, key: str) -> Lookup:
         return Lookup(NodeInfo(1, self.other), 1)
@@ -237,7 +238,7 @@ async def test_a_forwarded_request_is_served_where_the_balancer_sent_it() -> Non
     def install(addresses: list[str]) -> Setup:
         def setup(app: web.Application, me: str) -> None:
             other = next(a for a in addresses if a != me)
-            setup_routing(app, balancer=BoundedLoadBalancer([other]), local=me)
+            setup_routing(app, balancer=BoundedLoadBalancer([other]), local=me, secret="shared")
 
         return setup
 
@@ -245,6 +246,37 @@ async def test_a_forwarded_request_is_served_where_the_balancer_sent_it() -> Non
         status, body = await get_json(http, f"http://{backends[0].address}/items/anything")
     assert status == 200
     assert body == {"served_by": backends[1].address, "key": "anything", "hops": "1"}
+
+
+@pytest.mark.parametrize("secret", [None, "shared"])
+async def test_a_hop_count_from_a_client_never_skips_routing(secret: str | None) -> None:
+    async with servers(3, lambda a: by_balancer(a, secret=secret)) as backends:
+        reference = BoundedLoadBalancer([b.address for b in backends])
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):
+                key = f"h{i}"
+                owner = reference.peek(key)
+                entry = next(b for b in backends if b.address != owner)
+                forged = {HOPS_HEADER: "1", FORWARDED_HEADER: "1:00"}
+                async with http.get(f"http://{entry.address}/items/{key}", headers=forged) as resp:
+                    assert resp.status == 200
+                    body = await resp.json()
+                assert body["served_by"] == owner  # routed as if the header were absent
+                assert body["hops"] == "2"  # but counted for the loop guard
+
+
+@pytest.mark.parametrize("hops", ["²", "-1", "1e3", "9999", "1 1", "x"])
+async def test_a_malformed_hop_count_is_400_json(hops: str) -> None:
+    async with (
+        servers(2, by_balancer) as backends,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{backends[0].address}/items/k", headers={HOPS_HEADER: hops}) as resp,
+    ):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["type"] == "BadRequestError"
+    assert HOPS_HEADER in error["message"]
+    assert backends[0].served == backends[1].served == []
 
 
 async def test_redirect_mode_answers_307_to_the_owner() -> None:

@@ -4,15 +4,24 @@ Internal RPCs are ``POST /rpc/<method>`` with a JSON object in and a JSON object
 a :class:`~balancer.hookspecs.PublicApi`, it also serves ``GET``/``PUT``/``DELETE /kv/<key>`` (raw value
 bytes) and ``GET /status``. Every error answer is ``{"error": {"type": ..., "message": ...}}`` with the
 status from :data:`STATUS`; the client turns it back into the same balancer error where it can.
+
+Who may call ``/rpc/``: with a key to sign with (the cluster secret, or one derived from the API token,
+see :func:`~balancer.auth.rpc_secret`), a request signed for this node; with mutual TLS (``tls_ca`` and a
+certificate of the node's own), a client that presented a certificate signed by the CA. Either one is
+enough; with neither configured the RPC path is open, and a node listening beyond loopback says so at
+start-up. Connections go through a :class:`~balancer.plugins.connections.ConnectionGate`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,11 +31,12 @@ from aiohttp.typedefs import Handler as WebHandler
 from aiohttp.typedefs import Middleware
 
 from balancer import errors
-from balancer.auth import ReplayGuard, signed_headers
+from balancer.auth import ReplayGuard, rpc_secret, signed_headers
 from balancer.config import Config
 from balancer.errors import (
     BadRequestError,
     BalancerError,
+    ConfigError,
     KeyNotFoundError,
     PeerUnreachableError,
     RemoteError,
@@ -35,8 +45,9 @@ from balancer.errors import (
     UnknownMethodError,
 )
 from balancer.hookspecs import Handler, Payload, PublicApi, Route, Transport, TransportFactory, hookimpl
+from balancer.plugins.connections import ConnectionGate, GatedHandler, GatedSite, fitted_cap, gate_middleware
 
-__all__ = ["STATUS", "AiohttpTransport", "client_ssl", "server_ssl", "status_for"]
+__all__ = ["STATUS", "AiohttpTransport", "client_ssl", "rpc_exposure", "server_ssl", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +83,17 @@ _REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removepr
 _HANDLERS = web.AppKey[Mapping[str, Handler]]("handlers")
 _API = web.AppKey("api", PublicApi)
 _CONFIG = web.AppKey("config", Config)
-_GUARD = web.AppKey("guard", ReplayGuard)
+
+
+@dataclass(frozen=True, slots=True)
+class _RpcAuth:
+    """How this server authenticates ``/rpc/`` callers; both None/False: the path is open."""
+
+    guard: ReplayGuard | None
+    mutual: bool
+
+
+_RPC_AUTH = web.AppKey("rpc_auth", _RpcAuth)
 
 
 def status_for(exc: BaseException) -> int:
@@ -117,12 +138,31 @@ def _body_limit(config: Config) -> int:
     return 4 * ((config.max_value_bytes + 2) // 3) + 4 * config.max_key_bytes + (64 << 10)
 
 
+def _verified_peer(request: web.Request) -> bool:
+    """Whether the client presented a certificate the TLS layer verified against the CA."""
+    transport = request.transport
+    # with CERT_OPTIONAL, a certificate that does not verify fails the handshake; one that got here is good
+    return transport is not None and bool(transport.get_extra_info("peercert"))
+
+
+def _authenticate(request: web.Request, method: str, body: bytes) -> None:
+    auth = request.app[_RPC_AUTH]
+    if auth.mutual and _verified_peer(request):
+        return
+    if auth.guard is not None:
+        auth.guard.check(method, request.headers, body)
+        return
+    if auth.mutual:
+        raise UnauthorizedError("ring RPCs need a client certificate signed by the cluster's CA")
+
+
 async def _rpc(request: web.Request) -> web.Response:
     method = request.match_info["method"]
     body = await request.read()
-    guard = request.app.get(_GUARD)
-    if guard is not None:  # checked first: an unsigned request learns nothing and changes nothing
-        guard.check(method, request.headers, body)
+    # checked first: a caller that is not a member learns nothing and changes nothing
+    _authenticate(request, method, body)
+    if isinstance(conn := request.protocol, GatedHandler):
+        conn.gate.promote(conn)  # a ring member's connection: kept when public ones crowd in
     handler = request.app[_HANDLERS].get(method)
     if handler is None:
         raise UnknownMethodError(f"unknown method {method!r}")
@@ -139,8 +179,9 @@ def _authorize(request: web.Request) -> None:
     token = request.app[_CONFIG].api_token
     if token is None:
         return
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates; encode them back, never fail
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, f"Bearer {token}".encode("utf-8", "surrogateescape")):
         raise UnauthorizedError("the API needs 'Authorization: Bearer <token>'")
 
 
@@ -183,19 +224,56 @@ async def _status(request: web.Request) -> web.Response:
 
 
 def server_ssl(config: Config) -> ssl.SSLContext | None:
-    """The TLS context to serve with, if ``tls_cert``/``tls_key`` are set."""
+    """The TLS context to serve with, if ``tls_cert``/``tls_key`` are set.
+
+    With ``tls_ca`` too, clients are asked for a certificate: one that is presented must be signed by the
+    CA (else the handshake fails); one that is not is allowed, so the public ``/kv`` API needs none, and the
+    ``/rpc/`` path refuses such a caller unless it signed the request.
+    """
     if not config.tls_cert or not config.tls_key:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_ca:
+        context.load_verify_locations(cafile=config.tls_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
 def client_ssl(config: Config) -> ssl.SSLContext | None:
-    """The TLS context to call peers with, if ``tls_ca`` is set (peers are verified against it)."""
+    """The TLS context to call peers with, if ``tls_ca`` is set: peers are verified against it, and this
+    node presents its own ``tls_cert`` as its client certificate."""
     if not config.tls_ca:
         return None
-    return ssl.create_default_context(cafile=config.tls_ca)
+    context = ssl.create_default_context(cafile=config.tls_ca)
+    if config.tls_cert and config.tls_key:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def rpc_exposure(config: Config, host: str) -> str | None:
+    """The start-up warning for a node whose RPC path anyone could use, or None.
+
+    That is a node listening on ``host`` beyond loopback with no key to check signatures (no cluster secret,
+    no API token) and no mutual TLS.
+    """
+    if _is_loopback(host) or rpc_secret(config.cluster_secret, config.api_token):
+        return None
+    if config.tls_ca and config.tls_cert:
+        return None
+    return (
+        f"listening on {host or 'every interface'!r} with no cluster secret and no mutual TLS: anyone who "
+        "reaches this port can make ring RPCs (set --cluster-secret, or --tls-cert/--tls-key/--tls-ca)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" for every interface
+        return False
 
 
 def _serve_route(route: Route) -> WebHandler:
@@ -243,7 +321,9 @@ class AiohttpTransport(Transport):
     """RPCs and the public key-value API over HTTP/1.1, served and called with aiohttp.
 
     :param config: size limits (``max_key_bytes``, ``max_value_bytes``) and ``rpc_timeout``: :meth:`aclose`
-        lets requests in progress finish for that long (aiohttp's grace, at most twice it), then cancels them.
+        lets requests in progress finish for that long (aiohttp's grace, at most twice it), then cancels them;
+        the connection limits (``max_connections``, ``idle_timeout``, ``header_timeout``); the RPC keys and
+        TLS files.
     :param connection_limit: most connections open at once to all peers together.
 
     A handler whose caller hangs up (a timeout, say) is cancelled, as a handler called in-process through
@@ -253,22 +333,45 @@ class AiohttpTransport(Transport):
     def __init__(self, config: Config | None = None, *, connection_limit: int = 100) -> None:
         self.config = config or Config()
         self.connection_limit = connection_limit
+        self.gate: ConnectionGate | None = None
+        """The server's connection gate, once serving."""
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._closed = False
-        self._scheme = "https" if client_ssl(self.config) else "http"
+        self._secret = rpc_secret(self.config.cluster_secret, self.config.api_token)
+        self._client_ssl = client_ssl(self.config)
+        self._scheme = "https" if self._client_ssl else "http"
+        self._loop_handlers: tuple[Any, Any] | None = None  # (ours, the one it replaced)
 
     async def serve(
         self, host: str, port: int, handlers: Mapping[str, Handler], api: PublicApi | None = None
     ) -> int:
-        """Listen on ``host``:``port`` (0 picks a free port) and return the port bound."""
+        """Listen on ``host``:``port`` (0 picks a free port) and return the port bound.
+
+        Raises :class:`~balancer.errors.ConfigError` for ``tls_ca`` without a certificate to serve with:
+        peers can present their certificates only over TLS.
+        """
         if self._closed or self._runner is not None:
             raise RuntimeError("this transport is closed or already serving")
-        limit = _body_limit(self.config)
-        app = web.Application(client_max_size=limit, middlewares=[_error_middleware(body_limit=limit)])
-        app[_HANDLERS], app[_CONFIG] = handlers, self.config
-        if self.config.cluster_secret:
-            app[_GUARD] = ReplayGuard(self.config.cluster_secret, self.config.max_clock_skew)
+        config = self.config
+        if config.tls_ca and not config.tls_cert:
+            raise ConfigError("tls_ca needs tls_cert and tls_key: peers present certificates only over TLS")
+        limit = _body_limit(config)
+        cap = fitted_cap(config.max_connections, outgoing=self.connection_limit)
+        if cap < config.max_connections:
+            log.warning(
+                "serving at most %d connections, not %d: the open-file limit leaves no room for more",
+                cap,
+                config.max_connections,
+            )
+        self.gate = gate = ConnectionGate(cap, header_timeout=config.header_timeout)
+        app = web.Application(
+            client_max_size=limit, middlewares=[gate_middleware(), _error_middleware(body_limit=limit)]
+        )
+        app[_HANDLERS], app[_CONFIG] = handlers, config
+        guard = ReplayGuard(self._secret, config.max_clock_skew) if self._secret else None
+        mutual = bool(config.tls_ca and config.tls_cert)
+        app[_RPC_AUTH] = _RpcAuth(guard, mutual)
         app.router.add_post("/rpc/{method}", _rpc)
         if api is not None:
             app[_API] = api
@@ -278,11 +381,37 @@ class AiohttpTransport(Transport):
             app.router.add_get("/status", _status)
             for route in api.routes():
                 app.router.add_route(route.method, route.path, _serve_route(route))
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.config.rpc_timeout)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.rpc_timeout)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port, ssl_context=server_ssl(self.config)).start()
-        return int(runner.addresses[0][1])
+        options = {
+            "keepalive_timeout": config.idle_timeout,
+            # a key of max_key_bytes, every byte percent-encoded, must reach the handler and get its 413
+            "max_line_size": max(8190, 3 * config.max_key_bytes + 1024),
+        }
+        site = GatedSite(
+            runner,
+            host,
+            port,
+            gate=gate,
+            handler_options=options,
+            ssl_context=server_ssl(config),
+            handshake_timeout=config.header_timeout,
+        )
+        await site.start()
+        bound = int(runner.addresses[0][1])
+        if guard is not None:
+            guard.answer_as(f"{config.advertised}:{bound}", f"{host}:{bound}")
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        ours = gate.exception_handler(previous)
+        loop.set_exception_handler(ours)
+        self._loop_handlers = (ours, previous)
+        if (warning := rpc_exposure(config, host)) is not None:
+            log.warning("%s", warning)
+        elif not config.cluster_secret and self._secret is not None:
+            log.info("ring RPCs are signed with a key derived from the API token (no cluster secret set)")
+        return bound
 
     # The Transport contract takes a per-call timeout; it becomes the aiohttp request's total timeout.
     async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:
@@ -294,12 +423,12 @@ class AiohttpTransport(Transport):
         if self._closed:
             raise PeerUnreachableError(address, "this transport is closed")
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.connection_limit, ssl=client_ssl(self.config) or True)
+            connector = aiohttp.TCPConnector(limit=self.connection_limit, ssl=self._client_ssl or True)
             self._session = aiohttp.ClientSession(connector=connector)
         body = orjson.dumps(payload)
         headers = {"Content-Type": "application/json"}
-        if self.config.cluster_secret:
-            headers.update(signed_headers(self.config.cluster_secret, method, body))
+        if self._secret:
+            headers.update(signed_headers(self._secret, method, address, body))
         with _reaching(address):
             async with self._session.post(
                 f"{self._scheme}://{address}/rpc/{method}",
@@ -313,6 +442,13 @@ class AiohttpTransport(Transport):
     async def aclose(self) -> None:
         """Stop serving and close client connections; calling it again does nothing."""
         self._closed = True
+        if self.gate is not None:
+            self.gate.close()
+        if self._loop_handlers is not None:
+            (ours, previous), self._loop_handlers = self._loop_handlers, None
+            loop = asyncio.get_running_loop()
+            if loop.get_exception_handler() is ours:  # never undo a handler someone set after ours
+                loop.set_exception_handler(previous)
         runner, self._runner = self._runner, None
         session, self._session = self._session, None
         try:

@@ -1,0 +1,354 @@
+"""What the aiohttp server holds for its clients: a bounded number of connections, each for a bounded time.
+
+A node serves its ring peers and the public on one port, so a crowd of connections that send nothing
+could use up its file descriptors and cut it off from its own ring. :class:`ConnectionGate` prevents that:
+
+- a **cap** on open connections, lowered to fit the process's open-file limit (``RLIMIT_NOFILE``) with
+  room left for outgoing connections, storage files and one burst of accepts;
+- a **reserve** of that cap for ring connections (those that made an authenticated ``/rpc/`` request):
+  public and not yet classified connections may hold at most ``cap - reserve``;
+- when a limit is reached, the oldest idle non-ring connection is closed to make room, else the new
+  connection is closed at once;
+- a **header timeout**: a new connection must send a complete request head within ``header_timeout``
+  seconds (slowloris); keep-alive connections idle longer than ``idle_timeout`` are closed by aiohttp;
+- refusals, evictions, timeouts and failed ``accept()`` calls are **counted and logged once per interval**,
+  never once per event, so an attack cannot also flood the log.
+
+:class:`GatedHandler` is aiohttp's per-connection protocol with these rules, and with protocol-level errors
+(a request line or header over the limits, a malformed request) answered in the JSON error shape with one
+log line instead of text and a traceback. :class:`GatedSite` listens with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler as WebHandler
+from aiohttp.typedefs import Middleware
+
+__all__ = [
+    "ACCEPT_BACKLOG",
+    "ConnectionGate",
+    "GatedHandler",
+    "GatedSite",
+    "fitted_cap",
+    "gate_middleware",
+]
+
+log = logging.getLogger(__name__)
+
+ACCEPT_BACKLOG = 128
+"""Listen backlog; asyncio also accepts up to this many connections in one go before any is admitted."""
+
+_SPARE_FDS = 64  # stdio, the listening and event-loop descriptors, storage files, logs
+_ACCEPT_ERROR = "socket.accept() out of system resource"
+
+
+def fitted_cap(requested: int, *, outgoing: int, soft_limit: int | None = None) -> int:
+    """The connection cap to serve with: ``requested``, lowered to fit the open-file limit.
+
+    Room is left for ``outgoing`` client connections, twice the accept backlog (a burst accepted before
+    any connection is admitted, and the closes of a burst refused) and a few spare descriptors.
+    ``soft_limit`` is ``RLIMIT_NOFILE``'s soft limit, read from the process when not given (``None`` where
+    the platform has none, or it is unlimited).
+    """
+    if soft_limit is None:
+        soft_limit = _soft_nofile()
+    if soft_limit is None:
+        return requested
+    room = soft_limit - outgoing - 2 * ACCEPT_BACKLOG - _SPARE_FDS
+    # a limit too small for all that still serves, with half the descriptors
+    return max(1, min(requested, max(room, soft_limit // 2)))
+
+
+def _soft_nofile() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class ConnectionGate:
+    """Admits, classifies and evicts the server's connections; see the module documentation.
+
+    :param cap: most connections open at once.
+    :param header_timeout: seconds a new connection has to send its first complete request head.
+    :param reserve: connections only ring connections may use (``max(8, cap // 8)`` by default, at most
+        half the cap).
+    :param interval: seconds between two log lines about refused or evicted connections.
+    """
+
+    def __init__(
+        self, cap: int, *, header_timeout: float, reserve: int | None = None, interval: float = 10.0
+    ) -> None:
+        self.cap = cap
+        self.reserve = min(cap // 2, max(8, cap // 8) if reserve is None else reserve)
+        self.header_timeout = header_timeout
+        self.interval = interval
+        self.counts: Counter[str] = Counter()
+        """Events since the gate was made, by kind: refused, evicted, header_timeout, accept_failed."""
+        # insertion order is age: the first idle one is the oldest
+        self._public: dict[GatedHandler, None] = {}
+        self._ring: set[GatedHandler] = set()
+        self._pending: Counter[str] = Counter()
+        self._flush: asyncio.TimerHandle | None = None
+        self._quiet_until = 0.0
+
+    @property
+    def open(self) -> int:
+        """Connections open now."""
+        return len(self._public) + len(self._ring)
+
+    @property
+    def ring(self) -> int:
+        """Open connections that made a ring RPC."""
+        return len(self._ring)
+
+    def admit(self, conn: GatedHandler) -> bool:
+        """Count a new connection in; False if it must be closed at once (no idle one could make room)."""
+        self._public[conn] = None
+        if len(self._public) <= self.cap - self.reserve and self.open <= self.cap:
+            return True
+        victim = next((c for c in self._public if c is not conn and not c.busy), None)
+        if victim is None:
+            del self._public[conn]
+            self.note("refused")
+            return False
+        self.release(victim)
+        victim.force_close()
+        self.note("evicted")
+        return True
+
+    def promote(self, conn: GatedHandler) -> None:
+        """Count ``conn`` as a ring connection from now on: it is never evicted for a public one."""
+        if conn in self._public:
+            del self._public[conn]
+            self._ring.add(conn)
+
+    def release(self, conn: GatedHandler) -> None:
+        """Forget a connection that closed."""
+        self._public.pop(conn, None)
+        self._ring.discard(conn)
+
+    def note(self, event: str) -> None:
+        """Count an event of resource pressure; log the counts at most once per interval."""
+        self.counts[event] += 1
+        self._pending[event] += 1
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._quiet_until:
+            self.flush()  # the first event of a quiet spell is reported at once
+        elif self._flush is None:
+            self._flush = loop.call_at(self._quiet_until, self.flush)
+
+    def flush(self) -> None:
+        """Log the events counted since the last line, if any, and start a new interval."""
+        self._flush = None
+        if not self._pending:
+            return
+        events = ", ".join(
+            f"{count} {event.replace('_', ' ')}" for event, count in sorted(self._pending.items())
+        )
+        log.warning(
+            "connections under pressure: %s (open %d of %d, %d ring; at most one such line per %g s)",
+            events,
+            self.open,
+            self.cap,
+            len(self._ring),
+            self.interval,
+        )
+        self._pending.clear()
+        self._quiet_until = asyncio.get_running_loop().time() + self.interval
+
+    def close(self) -> None:
+        """Stop the pending log timer (the server is shutting down)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+
+    def exception_handler(
+        self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
+    ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+        """An event-loop exception handler that counts failed ``accept()`` calls instead of logging each.
+
+        asyncio logs a traceback for each one and retries a second later; out of descriptors, that is a
+        line per retry for as long as it lasts. Every other context goes on to ``previous`` (or the
+        loop's default handler).
+        """
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if context.get("message") == _ACCEPT_ERROR:
+                self.note("accept_failed")
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        return handle
+
+
+class GatedHandler(web.RequestHandler):
+    """aiohttp's connection protocol, admitted by a :class:`ConnectionGate` and answering errors in JSON.
+
+    Made by :class:`GatedSite` for each accepted connection; takes aiohttp's ``RequestHandler`` keyword
+    arguments (``keepalive_timeout`` is the idle timeout).
+    """
+
+    __slots__ = ("_head_timer", "busy", "gate", "heard")
+
+    def __init__(self, manager: web.Server, *, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.gate = gate
+        self.busy = 0
+        """Requests in progress on this connection; a connection with none is idle."""
+        self.heard = False
+        """Whether a complete request head has arrived on this connection."""
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit the connection through the gate, or close it at once; start the header timer."""
+        super().connection_made(transport)
+        if not self.gate.admit(self):
+            # abort, not close: the descriptor is what is short, and there is nothing to flush
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            else:
+                transport.close()
+            return
+        self._head_timer = asyncio.get_running_loop().call_later(self.gate.header_timeout, self._head_late)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Let the gate forget the connection."""
+        self.gate.release(self)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def begin(self) -> None:
+        """A request head arrived and its handling starts."""
+        self.busy += 1
+        if not self.heard:
+            self.heard = True
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+    def end(self) -> None:
+        """A request's handling ended."""
+        self.busy -= 1
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.heard and self.transport is not None:
+            self.gate.note("header_timeout")
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer a request aiohttp could not parse (or hand over) with the JSON error shape.
+
+        Logs one line, never a traceback, for a 4xx: a malformed request is the client's fault, and a flood
+        of them must not become a flood of tracebacks. A 5xx (the server's fault) keeps its traceback.
+        """
+        reason = getattr(exc, "message", None) or message or (str(exc) if exc else None)
+        reason = (reason or HTTPStatus(status).phrase).strip().replace("\n", " ")[:300]
+        if status >= 500:  # not the client's fault: keep what explains it
+            log.error(
+                "error answering a request from %s: %d %s", request.remote, status, reason, exc_info=exc
+            )
+        else:
+            log.info("refused a malformed request from %s: %d %s", request.remote, status, reason)
+        if request.writer.output_size > 0:  # an answer is under way: the connection can only be dropped
+            raise ConnectionError("an answer was already being sent")
+        kind = "BadRequestError" if status == 400 else HTTPStatus(status).phrase.replace(" ", "")
+        body = orjson.dumps({"error": {"type": kind, "message": reason}})
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
+
+def gate_middleware() -> Middleware:
+    """Mark each connection busy while a request of it is handled, and as having sent a head."""
+
+    @web.middleware
+    async def gate(request: web.Request, handler: WebHandler) -> web.StreamResponse:
+        conn = request.protocol
+        if not isinstance(conn, GatedHandler):
+            return await handler(request)
+        conn.begin()
+        try:
+            return await handler(request)
+        finally:
+            conn.end()
+
+    return gate
+
+
+class GatedSite(web.BaseSite):
+    """A TCP site whose connections go through a :class:`ConnectionGate`.
+
+    :param runner: a set-up runner; its server dispatches requests and tracks connections for shutdown.
+    :param handler_options: aiohttp ``RequestHandler`` keyword arguments (``keepalive_timeout``,
+        ``max_line_size``...).
+    :param handshake_timeout: seconds a TLS handshake may take (with ``ssl_context``).
+    """
+
+    __slots__ = ("_gate", "_handshake_timeout", "_host", "_options", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        gate: ConnectionGate,
+        handler_options: dict[str, Any],
+        ssl_context: Any = None,
+        handshake_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=ACCEPT_BACKLOG)
+        self._host, self._port = host, port
+        self._gate = gate
+        self._options = handler_options
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        """The site's URL."""
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        """Listen."""
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None  # BaseSite refuses a runner that is not set up
+
+        def connection() -> GatedHandler:
+            return GatedHandler(server, gate=self._gate, loop=loop, **self._options)
+
+        self._server = await loop.create_server(
+            connection,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+        )
