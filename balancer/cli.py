@@ -143,7 +143,9 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--cluster-secret-file", type=click.File("r"), help="Read the cluster secret from a file."
         ),
         click.option(
-            "--api-token", envvar="BALANCER_API_TOKEN", help="Bearer token the /kv and /status API requires."
+            "--api-token",
+            envvar="BALANCER_API_TOKEN",
+            help="Bearer token the /kv and /status API requires (also signs RPCs if no cluster secret).",
         ),
         click.option(
             "--tls-cert",
@@ -156,7 +158,7 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--tls-ca",
             type=click.Path(dir_okay=False, exists=True),
-            help="Verify peers against this CA and call them over TLS.",
+            help="Verify peers against this CA, call them over TLS, and require their client certificates.",
         ),
         click.option(
             "--max-value-bytes",

@@ -60,9 +60,11 @@ class Config:
     anti_entropy_interval: float = 5.0
     """Mean period of the replica maintenance pass (hand-off, repair, digest comparison)."""
     cluster_secret: str | None = None
-    """Shared secret: inter-node RPCs carry an HMAC of the body and a timestamp, checked on arrival."""
+    """Shared secret: inter-node RPCs carry an HMAC of the method, destination, body, timestamp and nonce,
+    checked on arrival."""
     api_token: str | None = None
-    """Bearer token required by the public ``/kv`` and ``/status`` API."""
+    """Bearer token required by the public ``/kv`` and ``/status`` API. Without a ``cluster_secret``, RPCs
+    are signed with a key derived from it, so the token never leaves the RPC path open."""
     max_clock_skew: float = 60.0
     """Seconds a signed RPC's timestamp may differ from the receiver's clock, and how far ahead of this
     node's clock a record's version may be stamped (a record further ahead is refused, never adopted)."""
@@ -71,7 +73,8 @@ class Config:
     tls_key: str | None = None
     """Private key file (PEM) of ``tls_cert``."""
     tls_ca: str | None = None
-    """CA file (PEM) that peers' certificates are verified against; setting it makes calls use TLS."""
+    """CA file (PEM) that peers' certificates are verified against; setting it makes calls use TLS and
+    turns on mutual TLS: RPCs need a client certificate signed by this CA (or a valid signature)."""
     max_connections: int = 1024
     """Most client connections served at once (lowered to fit the process's open-file limit); a share is
     kept for ring RPCs, and idle connections are closed first when the limit is reached."""
@@ -170,14 +173,14 @@ class Config:
     def ring_settings(self) -> dict[str, int]:
         """The settings every member of one ring must share; a joiner with others is refused.
 
-        ``secured`` is whether RPCs are signed with a cluster secret: a node with a secret never joins a
-        ring without one, nor the reverse.
+        ``secured`` is whether RPCs are signed (with the cluster secret, or a key derived from the API
+        token): a node that signs never joins a ring that does not, nor the reverse.
         """
         return {
             "protocol": PROTOCOL_VERSION,
             "bits": self.bits,
             "replicas": self.replicas,
-            "secured": int(self.cluster_secret is not None),
+            "secured": int(bool(self.cluster_secret or self.api_token)),
         }
 
     @property
