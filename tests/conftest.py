@@ -10,12 +10,18 @@ from pathlib import Path
 import pluggy
 import pytest
 from helpers import QUIET, RingFactory, converge
+from hypothesis import HealthCheck, settings
 from processes import Cluster
 
 from balancer.config import Config
 from balancer.node import Node
 from balancer.plugin import plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
+
+# Property tests check invariants, not speed: on a busy shared machine an example may take seconds, so
+# neither a per-example deadline nor the too-slow health check may fail them.
+settings.register_profile("balancer", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("balancer")
 
 
 @pytest.fixture
