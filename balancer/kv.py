@@ -322,6 +322,7 @@ class KVService:
         # suspected replicas are asked last: a slow peer is waited for only when no other will do
         queue = self.chord.prefer_healthy([n for n in replicas if n != me]) + fallbacks
         running: dict[asyncio.Future[Record | None], NodeInfo] = {}
+        retried: set[NodeInfo] = set()
         try:
             while len(answers) < need and (queue or running):
                 while queue and len(running) + len(answers) < need:
@@ -332,8 +333,9 @@ class KVService:
                     node = running.pop(future)
                     if future.exception() is None:
                         answers[node] = future.result()
-                    else:
-                        self._failed(node, future.exception())
+                    elif self._failed(node, future.exception()) and node not in retried:
+                        retried.add(node)
+                        queue.append(node)  # only slow: asked again, after the others, for longer
         finally:  # on every way out, a caller's cancellation included: nothing is left unattended
             for future in running:
                 _abandon(future)
@@ -395,6 +397,7 @@ class KVService:
         acked = 0
         newest: Version | None = None
         running = {asyncio.ensure_future(self._write_at(node, records)): node for node in targets}
+        retried: set[NodeInfo] = set()
         try:
             while running and acked < need:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -406,7 +409,10 @@ class KVService:
                         if newer is not None and (newest is None or newer > newest):
                             newest = newer
                         continue
-                    self._failed(node, future.exception())
+                    if self._failed(node, future.exception()) and node not in retried:
+                        # only slow: asked again, for longer (its timeout backed off), beside a spare
+                        retried.add(node)
+                        running[asyncio.ensure_future(self._write_at(node, records))] = node
                     if spare:
                         substitute = spare.pop(0)
                         running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
@@ -431,12 +437,15 @@ class KVService:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def _failed(self, node: NodeInfo, exc: BaseException | None) -> None:
+    def _failed(self, node: NodeInfo, exc: BaseException | None) -> bool:
+        """Account for a replica call to ``node`` that failed with ``exc``; returns whether the node is
+        only suspected (it timed out but is not declared failed), so that asking it again may help."""
         log.debug("%s: %s did not answer: %s", self.chord.info, node, exc)
         if isinstance(exc, PeerUnreachableError):  # down, or only slow: the failure detector decides
-            self.chord.unreachable(node, exc)
-        elif isinstance(exc, RingError):  # it has left the ring, or is leaving it
+            return not exc.refused and not self.chord.unreachable(node, exc)
+        if isinstance(exc, RingError):  # it has left the ring, or is leaving it
             self.chord.forget(node, "left")
+        return False
 
     def cancel_background(self) -> None:
         """Stop the replication still running in the background (used when closing abruptly)."""
