@@ -16,6 +16,7 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
      ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
      ├── PluginError                         a plugin is missing or misbehaving
+     ├── StorageError                        the storage cannot be opened, read or written
      ├── UnauthorizedError                   a missing or bad HMAC, token or timestamp   -> 401
      └── RingError                           join failed, node has left, no successor answers
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
@@ -38,6 +39,7 @@ __all__ = [
     "QuorumError",
     "RemoteError",
     "RingError",
+    "StorageError",
     "TooLargeError",
     "UnauthorizedError",
     "UnknownMethodError",
@@ -130,6 +132,11 @@ class PluginError(BalancerError):
     def __init__(self, message: str, plugin: object = None) -> None:
         super().__init__(message)
         self.plugin = plugin
+
+
+class StorageError(BalancerError):
+    """The storage cannot be used: its folder or database file is missing, unwritable or corrupt, or a
+    read or write failed on disk. A node refuses to start on a storage that cannot be opened."""
 
 
 class RingError(BalancerError):

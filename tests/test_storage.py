@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from balancer.config import Config
-from balancer.errors import ConfigError
+from balancer.errors import ConfigError, StorageError
 from balancer.hookspecs import Storage
 from balancer.plugin import Registry, plugin_manager
 from balancer.plugins.memory_storage import MemoryStorage
@@ -102,3 +104,50 @@ def test_sqlite_needs_a_data_dir(tmp_path: Path) -> None:
     made = registry.storage(Config(storage="sqlite", data_dir=str(tmp_path)))
     assert isinstance(made, SqliteStorage)
     assert made.path == tmp_path / FILENAME
+
+
+def _corrupt(folder: Path) -> Path:
+    """A folder whose database file holds seeded random bytes instead of a SQLite database."""
+    folder.mkdir()
+    (folder / FILENAME).write_bytes(random.Random(7).randbytes(8192))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "corrupt", "database is a folder"])
+def test_sqlite_refuses_an_unusable_data_dir_at_once(tmp_path: Path, case: str) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("not a folder")
+    if case == "a file":
+        folder = plain
+    elif case == "under a file":
+        folder = plain / "data"
+    elif case == "corrupt":
+        folder = _corrupt(tmp_path / "corrupt")
+    else:
+        (tmp_path / "db" / FILENAME).mkdir(parents=True)
+        folder = tmp_path / "db"
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    # the factory opens the database: the error comes now, not on the first request
+    with pytest.raises(StorageError, match=r"^cannot use ") as caught:
+        registry.storage(Config(storage="sqlite", data_dir=str(folder)))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_sqlite_refuses_a_read_only_data_dir(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StorageError, match="cannot use"):
+            SqliteStorage(folder / FILENAME).open()
+    finally:
+        folder.chmod(0o700)
+
+
+async def test_sqlite_maps_disk_errors_to_storage_errors(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / FILENAME).open() as store:
+        await store.put(Record(b"k", b"v", Version(1, 1)))
+        await store._run(lambda db: db.execute("DROP TABLE records"))  # the file changed under the node
+        with pytest.raises(StorageError, match="no such table"):
+            await store.get(b"k")
