@@ -64,7 +64,8 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="HOST:PORT",
             multiple=True,
             callback=_addresses,
-            help="Join the ring of this node; repeat to name several seeds, tried in order.",
+            help="Join the ring of this node; repeat to name several seeds, tried in order. Seeds that do "
+            "not answer yet are waited for (--join-timeout), unless --ring is given too.",
         ),
         click.option(
             "--successors",
@@ -217,6 +218,9 @@ def _config(**opts: Any) -> Config:
         raise click.UsageError(
             "give --ring (create a ring) or --join HOST:PORT (or both: join if a seed answers)"
         )
+    own = f"{opts['address'] or opts['host']}:{opts['port']}"
+    if opts["port"] and own in opts["join"]:
+        raise click.UsageError(f"--join {own} is this node's own address; give another member of the ring")
     secret = opts["cluster_secret"]
     if opts["cluster_secret_file"] is not None:
         secret = opts["cluster_secret_file"].read().strip()
@@ -266,7 +270,11 @@ async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone:
     """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
     pm = plugin_manager(load_entrypoints=config.load_entrypoints)
     node = Node(config, join=join, create_if_alone=create_if_alone, pm=pm)
-    await node.start()
+
+    def waiting(seeds: list[str], attempt: int, attempts: int) -> None:
+        _say(f"waiting for {', '.join(seeds)} ({attempt}/{attempts})")
+
+    await node.start(on_join_wait=waiting)
     _say(
         f"node {node.address} id {node.info.id:016x} "
         + (f"joined via {node.bootstrap}" if node.bootstrap else "created a ring")

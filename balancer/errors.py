@@ -11,6 +11,7 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── CapacityError                       every eligible node is at its capacity
      ├── PeerUnreachableError (ConnectionError)  a peer timed out, refused, or is known down
      ├── RemoteError                         a peer answered with an error of its own
+     │    └── BadAnswerError                 what answered is not a balancer node (not JSON)
      ├── BadRequestError (ValueError)        a malformed request or RPC payload        -> 400
      ├── KeyNotFoundError (KeyError)         the key has no live value                 -> 404
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
@@ -26,6 +27,7 @@ would reach for first, so ``except ValueError`` keeps working::
 from __future__ import annotations
 
 __all__ = [
+    "BadAnswerError",
     "BadRequestError",
     "BalancerError",
     "CapacityError",
@@ -101,6 +103,19 @@ class RemoteError(BalancerError):
         self.kind = kind
         self.message = message
         self.status = status
+
+
+class BadAnswerError(RemoteError):
+    """What answered a call is not a balancer node: its answer is not balancer's JSON (an HTML page, say).
+
+    A seed that answers this way is skipped, not waited for: it is up, and it is something else.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__("BadAnswer", f"HTTP {status} answer {detail}; is it a balancer node?", status)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class BadRequestError(BalancerError, ValueError):

@@ -53,12 +53,27 @@ def test_unreachable_peers_are_clean_errors() -> None:
     status = CliRunner().invoke(main, ["status", f"127.0.0.1:{port}", "--timeout", "1"])
     assert status.exit_code == 1
     assert f"cannot reach 127.0.0.1:{port}" in status.output
-    join = CliRunner().invoke(main, ["node", "--join", f"127.0.0.1:{port}", "--no-plugins"])
+    once = ["--join-timeout", "0", "--no-plugins"]  # one pass: no waiting for seeds to come up
+    join = CliRunner().invoke(main, ["node", "--join", f"127.0.0.1:{port}", *once])
     assert join.exit_code == 1
     assert f"Error: 127.0.0.1:{port}" in join.output
     assert "Traceback" not in join.output
     seeds = CliRunner().invoke(
-        main, ["node", "--join", f"127.0.0.1:{port}", "--join", f"127.0.0.1:{port + 1}"]
+        main, ["node", "--join", f"127.0.0.1:{port}", "--join", f"127.0.0.1:{port + 1}", *once]
     )
     assert seeds.exit_code == 1
     assert "no seed answered" in seeds.output
+
+
+def test_joining_the_own_address_is_a_usage_error() -> None:
+    port = free_port()
+    for own in ([f"127.0.0.1:{port}"], ["127.0.0.1:1", f"127.0.0.1:{port}"]):
+        args = ["node", "--port", str(port), *(a for seed in own for a in ("--join", seed))]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert f"--join 127.0.0.1:{port} is this node's own address" in result.output
+    advertised = CliRunner().invoke(
+        main, ["node", "--address", "127.0.0.2", "--port", "9", "--join", "127.0.0.2:9"]
+    )
+    assert advertised.exit_code == 2
+    assert "own address" in advertised.output
