@@ -27,6 +27,7 @@ from balancer.config import Config
 from balancer.errors import BalancerError
 from balancer.node import Node
 from balancer.plugin import plugin_manager
+from balancer.types import format_id
 
 __all__ = ["main"]
 
@@ -276,7 +277,7 @@ async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone:
 
     await node.start(on_join_wait=waiting)
     _say(
-        f"node {node.address} id {node.info.id:016x} "
+        f"node {node.address} id {format_id(node.info.id, config.bits)} "
         + (f"joined via {node.bootstrap}" if node.bootstrap else "created a ring")
     )
     stop = asyncio.Event()

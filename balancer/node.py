@@ -41,7 +41,7 @@ from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Tran
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
-from balancer.types import Lookup, NodeInfo, Record, RingView
+from balancer.types import Lookup, NodeInfo, Record, RingView, format_id
 
 __all__ = ["Node"]
 
@@ -325,11 +325,11 @@ class Node(PublicApi):
         """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""
         view = self.view()
         return {
-            "id": f"{view.node.id:x}",
+            "id": format_id(view.node.id, self.space.bits),
             "address": view.node.address,
             "predecessor": view.predecessor.address if view.predecessor else None,
             "successors": [s.address for s in view.successors],
-            "fingers": [{"id": f"{f.id:x}", "address": f.address} for f in view.fingers],
+            "fingers": [{"id": format_id(f.id, self.space.bits), "address": f.address} for f in view.fingers],
             "records": await self.storage.count(),
             "settings": self.config.ring_settings(),
         }

@@ -3,7 +3,9 @@ line, and seeds that are not up yet are waited for."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -11,7 +13,9 @@ import pytest
 from aiohttp import web
 from processes import Cluster, Proc, free_port, ring_correct, status, until
 
+from balancer.keyspace import hash_key
 from balancer.plugins.sqlite_storage import FILENAME
+from balancer.types import format_id
 
 
 async def exit_status(proc: Proc, timeout: float = 60.0) -> int:
@@ -146,3 +150,32 @@ async def test_a_settings_refusal_is_final(cluster: Cluster) -> None:
 
 async def _up(http: aiohttp.ClientSession, address: str) -> bool:
     return await status(http, address) is not None
+
+
+def port_with_a_small_id() -> int:
+    """A free port whose node id (the hash of ``127.0.0.1:port``) has a leading zero hex digit."""
+    for _ in range(1000):
+        port = free_port()
+        if hash_key(f"127.0.0.1:{port}") < 1 << 60:
+            return port
+    raise AssertionError("no free port with a small id in 1000 tries")
+
+
+async def test_the_banner_status_and_status_command_print_the_same_id(cluster: Cluster) -> None:
+    port = port_with_a_small_id()
+    padded = format_id(hash_key(f"127.0.0.1:{port}"))
+    assert padded.startswith("0")
+    node = cluster.start(port=port)
+    async with aiohttp.ClientSession() as http:
+        await until(lambda: _up(http, node.address), what="the node")
+        view = await status(http, node.address)
+    assert view is not None
+    assert view["id"] == padded
+    assert f"[balancer] node {node.address} id {padded} created a ring" in node.output()
+    command = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "balancer", "status", node.address, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        table, _ = await command.communicate()
+    assert command.returncode == 0
+    assert f"{node.address}  id {padded}" in table.decode()
