@@ -222,6 +222,8 @@ def _config(**opts: Any) -> Config:
     own = f"{opts['address'] or opts['host']}:{opts['port']}"
     if opts["port"] and own in opts["join"]:
         raise click.UsageError(f"--join {own} is this node's own address; give another member of the ring")
+    if opts["fsync"] and not opts["data_dir"]:
+        raise click.UsageError("--fsync syncs the database to disk: it needs --data-dir")
     secret = opts["cluster_secret"]
     if opts["cluster_secret_file"] is not None:
         secret = opts["cluster_secret_file"].read().strip()

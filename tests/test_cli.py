@@ -77,3 +77,9 @@ def test_joining_the_own_address_is_a_usage_error() -> None:
     )
     assert advertised.exit_code == 2
     assert "own address" in advertised.output
+
+
+def test_fsync_needs_a_data_dir() -> None:
+    result = CliRunner().invoke(main, ["node", "--ring", "--fsync"])
+    assert result.exit_code == 2
+    assert "--fsync syncs the database to disk: it needs --data-dir" in result.output

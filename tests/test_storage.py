@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -151,3 +153,43 @@ async def test_sqlite_maps_disk_errors_to_storage_errors(tmp_path: Path) -> None
         await store._run(lambda db: db.execute("DROP TABLE records"))  # the file changed under the node
         with pytest.raises(StorageError, match="no such table"):
             await store.get(b"k")
+
+
+async def _synchronous(store: SqliteStorage) -> int:
+    return await store._run(lambda db: int(db.execute("PRAGMA synchronous").fetchone()[0]))
+
+
+async def test_fsync_selects_synchronous_full(tmp_path: Path) -> None:
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    for fsync, expected in ((False, 1), (True, 2)):  # SQLite's codes: 1 NORMAL, 2 FULL
+        made = registry.storage(Config(storage="sqlite", data_dir=str(tmp_path / str(fsync)), fsync=fsync))
+        assert isinstance(made, SqliteStorage)
+        async with made:
+            assert await _synchronous(made) == expected
+            assert made.fsync is fsync
+
+
+def test_fsync_needs_a_durable_storage() -> None:
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    with pytest.raises(ConfigError, match="fsync needs a durable storage"):
+        registry.storage(Config(storage="memory", fsync=True))
+
+
+def test_storage_benchmark_runs_small(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "storage.py"
+    command = [sys.executable, str(script), "--puts", "50", "--concurrency", "1,4", "--dir", str(tmp_path)]
+    command += ["--json", str(tmp_path / "rows.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ("| memory | 1 | 50 |", "| sqlite | 4 | 50 |", "| sqlite fsync | 1 | 50 |"):
+        assert row in done.stdout
+    again = subprocess.run(
+        [*command[:-2], "--baseline", str(tmp_path / "rows.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "vs baseline" in again.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # every database file removed

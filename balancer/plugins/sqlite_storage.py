@@ -224,6 +224,6 @@ def balancer_register_storages(register: Callable[[str, StorageFactory], None]) 
         if not config.data_dir:
             raise ConfigError("the sqlite storage needs a data folder (--data-dir)")
         # opened here, not on first use: a node on an unusable folder must refuse to start
-        return SqliteStorage(Path(config.data_dir) / FILENAME, config.bits).open()
+        return SqliteStorage(Path(config.data_dir) / FILENAME, config.bits, fsync=config.fsync).open()
 
     register("sqlite", make)
