@@ -179,3 +179,40 @@ async def test_the_banner_status_and_status_command_print_the_same_id(cluster: C
         table, _ = await command.communicate()
     assert command.returncode == 0
     assert f"{node.address}  id {padded}" in table.decode()
+
+
+def command_line(proc: Proc) -> bytes:
+    """The process's arguments as ``ps`` shows them to every local user."""
+    return Path(f"/proc/{proc.process.pid}/cmdline").read_bytes()
+
+
+async def test_secrets_from_files_stay_out_of_ps(cluster: Cluster, tmp_path: Path) -> None:
+    token = f"token-{random.Random(3).getrandbits(64):016x}"
+    (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "secret").write_text("cluster secret\n")
+    files = ("--api-token-file", str(tmp_path / "token"), "--cluster-secret-file", str(tmp_path / "secret"))
+    node = cluster.start(extra=files)
+    typed = cluster.start(extra=("--api-token", token))
+    async with aiohttp.ClientSession() as http:
+        for proc in (node, typed):
+            await until(lambda proc=proc: _answers(http, proc.address, token), what=f"{proc.address}")  # type: ignore[misc]
+        async with http.get(f"http://{node.address}/status") as resp:
+            assert resp.status == 401  # the token from the file is in force
+    cmdline = command_line(node)
+    assert token.encode() not in cmdline
+    assert b"cluster secret" not in cmdline
+    assert "visible to every local user" not in node.output()
+    warnings = [line for line in typed.output().splitlines() if "visible to every local user" in line]
+    assert warnings == [
+        "[balancer] warning: --api-token is visible to every local user in ps; "
+        "use --api-token-file or BALANCER_API_TOKEN"
+    ]
+
+
+async def _answers(http: aiohttp.ClientSession, address: str, token: str) -> bool:
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with http.get(f"http://{address}/status", headers=headers) as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
