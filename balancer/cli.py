@@ -17,16 +17,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import aiohttp
 import click
 import orjson
+from click.core import ParameterSource
 
 from balancer.config import Config
 from balancer.errors import BalancerError
 from balancer.node import Node
 from balancer.plugin import plugin_manager
+from balancer.types import format_id
 
 __all__ = ["main"]
 
@@ -64,7 +66,8 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             metavar="HOST:PORT",
             multiple=True,
             callback=_addresses,
-            help="Join the ring of this node; repeat to name several seeds, tried in order.",
+            help="Join the ring of this node; repeat to name several seeds, tried in order. Seeds that do "
+            "not answer yet are waited for (--join-timeout), unless --ring is given too.",
         ),
         click.option(
             "--successors",
@@ -137,16 +140,19 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--cluster-secret",
             envvar="BALANCER_CLUSTER_SECRET",
-            help="Shared secret that signs inter-node RPCs (or set BALANCER_CLUSTER_SECRET).",
+            help="Shared secret that signs inter-node RPCs. Visible in ps: prefer --cluster-secret-file or "
+            "BALANCER_CLUSTER_SECRET.",
         ),
         click.option(
-            "--cluster-secret-file", type=click.File("r"), help="Read the cluster secret from a file."
+            "--cluster-secret-file", type=click.File("r"), help="Read the cluster secret from this file."
         ),
         click.option(
             "--api-token",
             envvar="BALANCER_API_TOKEN",
-            help="Bearer token the /kv and /status API requires (also signs RPCs if no cluster secret).",
+            help="Bearer token the /kv and /status API requires (also signs RPCs if no cluster secret). "
+            "Visible in ps: prefer --api-token-file or BALANCER_API_TOKEN.",
         ),
+        click.option("--api-token-file", type=click.File("r"), help="Read the API token from this file."),
         click.option(
             "--tls-cert",
             type=click.Path(dir_okay=False, exists=True),
@@ -219,9 +225,13 @@ def _config(**opts: Any) -> Config:
         raise click.UsageError(
             "give --ring (create a ring) or --join HOST:PORT (or both: join if a seed answers)"
         )
-    secret = opts["cluster_secret"]
-    if opts["cluster_secret_file"] is not None:
-        secret = opts["cluster_secret_file"].read().strip()
+    own = f"{opts['address'] or opts['host']}:{opts['port']}"
+    if opts["port"] and own in opts["join"]:
+        raise click.UsageError(f"--join {own} is this node's own address; give another member of the ring")
+    if opts["fsync"] and not opts["data_dir"]:
+        raise click.UsageError("--fsync syncs the database to disk: it needs --data-dir")
+    secret = _secret("cluster_secret", opts["cluster_secret"], opts["cluster_secret_file"])
+    token = _secret("api_token", opts["api_token"], opts["api_token_file"])
     storage = opts["storage"] or ("sqlite" if opts["data_dir"] else "memory")
     try:
         return Config(
@@ -242,8 +252,8 @@ def _config(**opts: Any) -> Config:
             replication=opts["replication"],
             anti_entropy_interval=opts["anti_entropy_interval"],
             tombstone_grace=opts["tombstone_grace"],
-            cluster_secret=secret or None,
-            api_token=opts["api_token"] or None,
+            cluster_secret=secret,
+            api_token=token,
             tls_cert=opts["tls_cert"],
             tls_key=opts["tls_key"],
             tls_ca=opts["tls_ca"],
@@ -260,17 +270,39 @@ def _config(**opts: Any) -> Config:
         raise click.UsageError(str(exc)) from exc
 
 
-def _say(text: str) -> None:
-    click.echo(f"{_BANNER} {text}")
+def _say(text: str, *, err: bool = False) -> None:
+    click.echo(f"{_BANNER} {text}", err=err)
+
+
+def _secret(name: str, value: str | None, file: TextIO | None) -> str | None:
+    """The secret option ``name`` from its ``-file`` option or its value; warns when the value was typed
+    on the command line, where every local user can read it (``ps``, ``/proc/PID/cmdline``)."""
+    flag = "--" + name.replace("_", "-")
+    typed = click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE
+    if file is not None:
+        if typed:
+            raise click.UsageError(f"give {flag} or {flag}-file, not both")
+        text = file.read().strip()
+        if not text:  # an empty secret would silently mean none: an unsigned ring, an open API
+            raise click.UsageError(f"{flag}-file {file.name} is empty")
+        return text
+    if typed and value:
+        env = f"BALANCER_{name.upper()}"
+        _say(f"warning: {flag} is visible to every local user in ps; use {flag}-file or {env}", err=True)
+    return value or None
 
 
 async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone: bool) -> None:
     """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
     pm = plugin_manager(load_entrypoints=config.load_entrypoints)
     node = Node(config, join=join, create_if_alone=create_if_alone, pm=pm)
-    await node.start()
+
+    def waiting(seeds: list[str], attempt: int, attempts: int) -> None:
+        _say(f"waiting for {', '.join(seeds)} ({attempt}/{attempts})")
+
+    await node.start(on_join_wait=waiting)
     _say(
-        f"node {node.address} id {node.info.id:016x} "
+        f"node {node.address} id {format_id(node.info.id, config.bits)} "
         + (f"joined via {node.bootstrap}" if node.bootstrap else "created a ring")
     )
     stop = asyncio.Event()
@@ -350,16 +382,29 @@ async def _fetch_status(
 @click.argument("address", callback=_address)
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-@click.option("--api-token", envvar="BALANCER_API_TOKEN", help="Bearer token, if the node requires one.")
+@click.option(
+    "--api-token",
+    envvar="BALANCER_API_TOKEN",
+    help="Bearer token, if the node requires one (prefer --api-token-file or BALANCER_API_TOKEN).",
+)
+@click.option("--api-token-file", type=click.File("r"), help="Read the bearer token from this file.")
 @click.option(
     "--tls-ca", type=click.Path(dir_okay=False, exists=True), help="Use https, verifying against this CA."
 )
-def status(address: str, timeout: float, as_json: bool, api_token: str | None, tls_ca: str | None) -> None:
+def status(
+    address: str,
+    timeout: float,
+    as_json: bool,
+    api_token: str | None,
+    api_token_file: TextIO | None,
+    tls_ca: str | None,
+) -> None:
     """Print the view of the node at ADDRESS (HOST:PORT) as a table."""
     from balancer.plugins.repl import format_status
 
+    token = _secret("api_token", api_token, api_token_file)
     try:
-        data = asyncio.run(_fetch_status(address, timeout, api_token, tls_ca))
+        data = asyncio.run(_fetch_status(address, timeout, token, tls_ca))
     except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot reach {address}: {exc or type(exc).__name__}") from exc
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else format_status(data))

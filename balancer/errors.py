@@ -11,12 +11,14 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── CapacityError                       every eligible node is at its capacity
      ├── PeerUnreachableError (ConnectionError)  a peer timed out, refused, or is known down
      ├── RemoteError                         a peer answered with an error of its own
+     │    └── BadAnswerError                 what answered is not a balancer node (not JSON)
      ├── BadRequestError (ValueError)        a malformed request or RPC payload        -> 400
      │    └── ClockSkewError                 a record stamped too far ahead of our clock -> 400
      ├── KeyNotFoundError (KeyError)         the key has no live value                 -> 404
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
      ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
      ├── PluginError                         a plugin is missing or misbehaving
+     ├── StorageError                        the storage cannot be opened, read or written
      ├── UnauthorizedError                   a missing or bad HMAC, token or timestamp   -> 401
      └── RingError                           join failed, node has left, no successor answers
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
@@ -26,6 +28,7 @@ would reach for first, so ``except ValueError`` keeps working::
 from __future__ import annotations
 
 __all__ = [
+    "BadAnswerError",
     "BadRequestError",
     "BalancerError",
     "CapacityError",
@@ -40,6 +43,7 @@ __all__ = [
     "QuorumError",
     "RemoteError",
     "RingError",
+    "StorageError",
     "TooLargeError",
     "UnauthorizedError",
     "UnknownMethodError",
@@ -108,6 +112,19 @@ class RemoteError(BalancerError):
         self.status = status
 
 
+class BadAnswerError(RemoteError):
+    """What answered a call is not a balancer node: its answer is not balancer's JSON (an HTML page, say).
+
+    A seed that answers this way is skipped, not waited for: it is up, and it is something else.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__("BadAnswer", f"HTTP {status} answer {detail}; is it a balancer node?", status)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class BadRequestError(BalancerError, ValueError):
     """A request or RPC payload is malformed (HTTP 400)."""
 
@@ -141,6 +158,11 @@ class PluginError(BalancerError):
     def __init__(self, message: str, plugin: object = None) -> None:
         super().__init__(message)
         self.plugin = plugin
+
+
+class StorageError(BalancerError):
+    """The storage cannot be used: its folder or database file is missing, unwritable or corrupt, or a
+    read or write failed on disk. A node refuses to start on a storage that cannot be opened."""
 
 
 class RingError(BalancerError):

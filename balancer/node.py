@@ -26,13 +26,23 @@ import pluggy
 
 from balancer.chord import Chord
 from balancer.config import Config
-from balancer.errors import BalancerError, PeerUnreachableError, RingError
+from balancer.errors import (
+    BadAnswerError,
+    BalancerError,
+    ConfigError,
+    IncompatibleConfigError,
+    PeerUnreachableError,
+    RemoteError,
+    RingError,
+    UnauthorizedError,
+    UnknownMethodError,
+)
 from balancer.failure import FailureDetector
 from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Transport
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
-from balancer.types import Lookup, NodeInfo, Record, RingView
+from balancer.types import Lookup, NodeInfo, Record, RingView, format_id
 
 __all__ = ["Node"]
 
@@ -89,12 +99,17 @@ class Node(PublicApi):
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    async def start(self) -> Self:
+    async def start(self, *, on_join_wait: Callable[[list[str], int, int], None] | None = None) -> Self:
         """Serve, then create or join the ring, then start the maintenance loops.
 
-        Raises :class:`~balancer.errors.IncompatibleConfigError` if the ring's settings differ from
-        this node's, and :class:`~balancer.errors.PeerUnreachableError` if the bootstrap node does not
-        answer; the node is closed again in both cases.
+        Seeds that do not answer yet are tried again with backoff for ``config.join_timeout`` seconds
+        (one pass only with ``create_if_alone``); ``on_join_wait(seeds, attempt, attempts)`` is called
+        after each pass that found none of them up. A seed that answers but is not a balancer node is
+        skipped. Raises :class:`~balancer.errors.ConfigError` if a seed is this node's own address,
+        :class:`~balancer.errors.IncompatibleConfigError` or :class:`~balancer.errors.UnauthorizedError`
+        at once if the ring refuses this node's settings or credentials, and
+        :class:`~balancer.errors.PeerUnreachableError` (one seed) or :class:`RingError` (several) if no
+        seed answered in time; the node is closed again in every case.
         """
         if self.started:
             return self
@@ -120,11 +135,14 @@ class Node(PublicApi):
         self._handlers.update(chord.handlers())
         self._handlers.update(self._kv.handlers())
         self._handlers["node.status"] = self._rpc_status
+        # Until this node is a ring member, a joiner asking it must wait, not take it for a ring of one.
+        self._handlers["chord.join"] = self._refuse_join
         try:
-            await self._join_or_create(chord)
+            await self._join_or_create(chord, on_join_wait)
         except BaseException:
             await self.close()
             raise
+        self._handlers["chord.join"] = chord.handlers()["chord.join"]
         self._tasks = [
             asyncio.create_task(self._every(self.config.stabilize_interval, chord.stabilize)),
             asyncio.create_task(self._every(self.config.fix_fingers_interval, chord.fix_fingers)),
@@ -134,23 +152,74 @@ class Node(PublicApi):
         log.info("%s: %s", info, f"joined through {self.bootstrap}" if self.bootstrap else "created a ring")
         return self
 
-    async def _join_or_create(self, chord: Chord) -> None:
-        unreachable: list[PeerUnreachableError] = []
-        for seed in self.seeds:
-            try:
-                await chord.join(seed)
-            except PeerUnreachableError as exc:  # a settings or auth refusal is final; a dead seed is not
-                unreachable.append(exc)
-                continue
-            self.bootstrap = seed
-            return
-        if unreachable and not self.create_if_alone:
-            raise (
-                unreachable[-1]
-                if len(unreachable) == 1
-                else RingError(f"no seed answered: {', '.join(str(e) for e in unreachable)}")
-            )
+    async def _refuse_join(self, payload: Payload) -> Payload:
+        raise RingError(f"{self.address} is not a ring member yet")
+
+    async def _join_or_create(
+        self, chord: Chord, on_wait: Callable[[list[str], int, int], None] | None = None
+    ) -> None:
+        own = chord.info.address
+        if own in self.seeds:
+            raise ConfigError(f"seed {own} is this node's own address; give another member of the ring")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # A node that may create the ring makes one pass: waiting would only delay the ring it founds.
+        schedule = [0.0] if self.create_if_alone else self._join_schedule(self.config.join_timeout)
+        waiting = list(self.seeds)  # seeds not heard from yet; one that answered as a stranger drops out
+        problems: dict[str, BalancerError] = {}
+        attempt = 0
+        while waiting and attempt < len(schedule):
+            await asyncio.sleep(max(0.0, started + schedule[attempt] - loop.time()))
+            attempt += 1
+            for seed in list(waiting):
+                try:
+                    await chord.join(seed)
+                except (IncompatibleConfigError, UnauthorizedError):  # a refusal: asking again will not help
+                    raise
+                except BadAnswerError as exc:  # up, and not a balancer node
+                    if len(self.seeds) > 1 or self.create_if_alone:  # else the final error says it
+                        log.warning("%s: seed %s is not a balancer node: %s", chord.info, seed, exc)
+                    problems[seed] = exc
+                    waiting.remove(seed)
+                    continue
+                except (PeerUnreachableError, UnknownMethodError, RingError, RemoteError) as exc:
+                    log.debug("%s: seed %s: %s", chord.info, seed, exc)  # down, starting, or not a member yet
+                    problems[seed] = exc
+                    continue
+                self.bootstrap = seed
+                return
+            if waiting and attempt < len(schedule) and loop.time() < started + self.config.join_timeout:
+                if on_wait is not None:
+                    on_wait(list(waiting), attempt, len(schedule))
+                else:
+                    log.info(
+                        "%s: waiting for %s (%d/%d)", chord.info, ", ".join(waiting), attempt, len(schedule)
+                    )
+            else:
+                break
+        if problems and not self.create_if_alone:
+            raise self._join_failure(problems, attempt, loop.time() - started)
         chord.create()
+
+    @staticmethod
+    def _join_schedule(timeout: float) -> list[float]:
+        """When each join pass starts, in seconds from the first: backoff from 0.25 s to 2 s, in timeout."""
+        starts, delay = [0.0], 0.25
+        while starts[-1] + delay <= timeout:
+            starts.append(starts[-1] + delay)
+            delay = min(2 * delay, 2.0)
+        return starts
+
+    @staticmethod
+    def _join_failure(problems: dict[str, BalancerError], attempts: int, seconds: float) -> BalancerError:
+        """The error of a join no seed accepted: the one seed's own, or a summary naming each seed."""
+        after = f" (after {attempts} attempts in {seconds:.0f} s)" if attempts > 1 else ""
+        if len(problems) == 1:
+            seed, exc = next(iter(problems.items()))
+            if isinstance(exc, PeerUnreachableError):
+                return PeerUnreachableError(exc.address, str(exc).removeprefix(f"{exc.address}: ") + after)
+            return RingError(f"cannot join through {seed}{after}: {exc}")
+        return RingError(f"no seed answered{after}: {'; '.join(f'{s}: {e}' for s, e in problems.items())}")
 
     async def leave(self) -> None:
         """Leave the ring gracefully: hand every record to the successor, tell the neighbours, stop.
@@ -264,11 +333,11 @@ class Node(PublicApi):
         """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""
         view = self.view()
         return {
-            "id": f"{view.node.id:x}",
+            "id": format_id(view.node.id, self.space.bits),
             "address": view.node.address,
             "predecessor": view.predecessor.address if view.predecessor else None,
             "successors": [s.address for s in view.successors],
-            "fingers": [{"id": f"{f.id:x}", "address": f.address} for f in view.fingers],
+            "fingers": [{"id": format_id(f.id, self.space.bits), "address": f.address} for f in view.fingers],
             "records": await self.storage.count(),
             "settings": self.config.ring_settings(),
         }

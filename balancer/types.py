@@ -7,7 +7,16 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Lookup", "NodeInfo", "Record", "RingView", "Version"]
+__all__ = ["Lookup", "NodeInfo", "Record", "RingView", "Version", "format_id"]
+
+
+def format_id(ident: int, bits: int = 64) -> str:
+    """A ring id as every output shows it: lower-case hex, zero-padded to ``ceil(bits / 4)`` digits.
+
+    So a 64-bit id always prints as 16 digits, and ids sort and line up the same as text as they do as
+    numbers, in ``/status``, the REPL, ``balancer status``, logs and the CLI banner alike.
+    """
+    return f"{ident:0{(bits + 3) // 4}x}"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -32,7 +41,8 @@ class NodeInfo:
         return cls(node_id, address)
 
     def __str__(self) -> str:
-        return f"{self.address} ({self.id:016x})"
+        # a node does not know the ring's id size; ids of the default 64 bits print as everywhere else
+        return f"{self.address} ({format_id(self.id)})"
 
 
 @dataclass(frozen=True, slots=True, order=True)

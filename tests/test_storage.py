@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from balancer.config import Config
-from balancer.errors import ConfigError
+from balancer.errors import ConfigError, StorageError
 from balancer.hookspecs import Storage
 from balancer.plugin import Registry, plugin_manager
 from balancer.plugins.memory_storage import MemoryStorage
@@ -102,3 +105,84 @@ def test_sqlite_needs_a_data_dir(tmp_path: Path) -> None:
     made = registry.storage(Config(storage="sqlite", data_dir=str(tmp_path)))
     assert isinstance(made, SqliteStorage)
     assert made.path == tmp_path / FILENAME
+
+
+def _corrupt(folder: Path) -> Path:
+    """A folder whose database file holds seeded random bytes instead of a SQLite database."""
+    folder.mkdir()
+    (folder / FILENAME).write_bytes(random.Random(7).randbytes(8192))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "corrupt", "database is a folder"])
+def test_sqlite_refuses_an_unusable_data_dir_at_once(tmp_path: Path, case: str) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("not a folder")
+    if case == "a file":
+        folder = plain
+    elif case == "under a file":
+        folder = plain / "data"
+    elif case == "corrupt":
+        folder = _corrupt(tmp_path / "corrupt")
+    else:
+        (tmp_path / "db" / FILENAME).mkdir(parents=True)
+        folder = tmp_path / "db"
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    # the factory opens the database: the error comes now, not on the first request
+    with pytest.raises(StorageError, match=r"^cannot use ") as caught:
+        registry.storage(Config(storage="sqlite", data_dir=str(folder)))
+    assert "\n" not in str(caught.value)
+
+
+def test_sqlite_refuses_a_folder_it_cannot_write() -> None:
+    # /proc refuses new files even to root, unlike permission bits, so this runs under any user
+    with pytest.raises(StorageError, match="cannot use"):
+        SqliteStorage(Path("/proc/balancer-data") / FILENAME).open()
+
+
+async def test_sqlite_maps_disk_errors_to_storage_errors(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / FILENAME).open() as store:
+        await store.put(Record(b"k", b"v", Version(1, 1)))
+        await store._run(lambda db: db.execute("DROP TABLE records"))  # the file changed under the node
+        with pytest.raises(StorageError, match="no such table"):
+            await store.get(b"k")
+
+
+async def _synchronous(store: SqliteStorage) -> int:
+    return await store._run(lambda db: int(db.execute("PRAGMA synchronous").fetchone()[0]))
+
+
+async def test_fsync_selects_synchronous_full(tmp_path: Path) -> None:
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    for fsync, expected in ((False, 1), (True, 2)):  # SQLite's codes: 1 NORMAL, 2 FULL
+        made = registry.storage(Config(storage="sqlite", data_dir=str(tmp_path / str(fsync)), fsync=fsync))
+        assert isinstance(made, SqliteStorage)
+        async with made:
+            assert await _synchronous(made) == expected
+            assert made.fsync is fsync
+
+
+def test_fsync_needs_a_durable_storage() -> None:
+    registry = Registry(plugin_manager(load_entrypoints=False))
+    with pytest.raises(ConfigError, match="fsync needs a durable storage"):
+        registry.storage(Config(storage="memory", fsync=True))
+
+
+def test_storage_benchmark_runs_small(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "storage.py"
+    command = [sys.executable, str(script), "--puts", "50", "--concurrency", "1,4", "--dir", str(tmp_path)]
+    command += ["--json", str(tmp_path / "rows.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ("| memory | 1 | 50 |", "| sqlite | 4 | 50 |", "| sqlite fsync | 1 | 50 |"):
+        assert row in done.stdout
+    again = subprocess.run(
+        [*command[:-2], "--baseline", str(tmp_path / "rows.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "vs baseline" in again.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # every database file removed

@@ -34,6 +34,7 @@ from balancer import errors
 from balancer.auth import ReplayGuard, rpc_secret, signed_headers
 from balancer.config import Config
 from balancer.errors import (
+    BadAnswerError,
     BadRequestError,
     BalancerError,
     ConfigError,
@@ -300,18 +301,22 @@ def _reaching(address: str) -> Iterator[None]:
 
 
 def _answer(status: int, body: bytes) -> Payload:
-    """The result in an RPC answer, or the error it carries raised as a balancer error."""
+    """The result in an RPC answer, or the error it carries raised as a balancer error.
+
+    An answer that is not balancer's JSON (an HTML page from some other server, say) raises
+    :class:`~balancer.errors.BadAnswerError`, whose message never quotes the body.
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        data = None
+        raise BadAnswerError(status, f"is not JSON ({len(body)} bytes)") from None
     if status == 200:
         if isinstance(data, dict):
             return data
-        raise RemoteError("BadAnswer", "the answer is not a JSON object", status)
+        raise BadAnswerError(status, f"is a JSON {type(data).__name__}, not an object")
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
-        raise RemoteError("HTTPError", body[:200].decode(errors="replace"), status)
+        raise BadAnswerError(status, "is JSON without a balancer error in it")
     kind, message = str(error.get("type")), str(error.get("message"))
     rebuild = _REBUILD.get(kind)
     raise rebuild(message) if rebuild else RemoteError(kind, message, status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from balancer.config import Config
+from balancer.errors import ConfigError
 from balancer.hookspecs import Storage, StorageFactory, hookimpl
 from balancer.keyspace import hash_key, in_interval
 from balancer.types import Record
@@ -67,6 +68,8 @@ def balancer_register_storages(register: Callable[[str, StorageFactory], None]) 
     """Register ``memory``."""
 
     def make(config: Config) -> Storage:
+        if config.fsync:  # syncing to disk was asked for, and nothing here ever reaches a disk
+            raise ConfigError("fsync needs a durable storage (--data-dir); the memory storage keeps nothing")
         return MemoryStorage(config.bits)
 
     register("memory", make)

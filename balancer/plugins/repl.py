@@ -9,6 +9,7 @@ awaits on the node's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import sys
@@ -22,6 +23,7 @@ import pluggy
 from balancer.errors import BalancerError, KeyNotFoundError
 from balancer.hookspecs import hookimpl
 from balancer.node import Node
+from balancer.types import format_id
 
 __all__ = [
     "OUT",
@@ -79,8 +81,11 @@ def _text(value: bytes) -> str:
 
 def format_status(status: dict[str, Any]) -> str:
     """A node's ``/status`` answer as a small readable table."""
+    ident = status.get("id")
+    with contextlib.suppress(AttributeError, TypeError, ValueError):  # an older node sends it unpadded
+        ident = format_id(int(str(ident), 16), int((status.get("settings") or {}).get("bits", 64)))
     rows = [
-        ("node", f"{status.get('address')}  id {status.get('id')}"),
+        ("node", f"{status.get('address')}  id {ident}"),
         ("predecessor", str(status.get("predecessor") or "-")),
         ("successors", ", ".join(status.get("successors") or []) or "-"),
         ("fingers", ", ".join(f["address"] for f in status.get("fingers") or []) or "-"),
@@ -102,7 +107,10 @@ def format_ring(node: Node) -> str:
         roles.setdefault(finger, []).append("finger")
     size = node.space.size
     ordered = sorted(roles, key=lambda n: (n.id - view.node.id) % size)
-    return "\n".join(f"{n.id:016x}  {n.address:<21}  {', '.join(dict.fromkeys(roles[n]))}" for n in ordered)
+    bits = node.space.bits
+    return "\n".join(
+        f"{format_id(n.id, bits)}  {n.address:<21}  {', '.join(dict.fromkeys(roles[n]))}" for n in ordered
+    )
 
 
 def build_commands(pm: pluggy.PluginManager) -> click.Group:

@@ -3,26 +3,33 @@
 Selected with ``Config(storage="sqlite", data_dir=...)`` (the CLI's ``--data-dir``). Every call runs on one
 dedicated thread that owns the connection, so the event loop never blocks on disk and writes are
 serialized: a put compares versions and writes in one transaction. Each put commits; in WAL mode with
-``synchronous=NORMAL`` a committed write survives the process being killed (only a power loss can take
-the last few transactions back).
+``synchronous=NORMAL`` a committed write survives the process being killed, but a power loss or an
+operating-system crash can take the last transactions back. ``Config.fsync`` (``--fsync``) selects
+``synchronous=FULL``: every commit is synced to disk before it returns, so it survives a power loss too.
+
+The factory opens the database at once and raises :class:`~balancer.errors.StorageError` if the folder
+or the file cannot be used, so a node refuses to start rather than failing every request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from balancer.config import Config
-from balancer.errors import ConfigError
+from balancer.errors import ConfigError, StorageError
 from balancer.hookspecs import Storage, StorageFactory, hookimpl
 from balancer.keyspace import hash_key
 from balancer.types import Record, Version
 
 __all__ = ["FILENAME", "SqliteStorage"]
+
+log = logging.getLogger(__name__)
 
 FILENAME = "balancer.db"
 """The database file's name inside ``data_dir``."""
@@ -57,30 +64,80 @@ def _row(record: Record, ident: int) -> tuple[Any, ...]:
 
 
 class SqliteStorage(Storage):
-    """Records in the SQLite database at ``path`` (created if missing), ids of ``bits`` bits."""
+    """Records in the SQLite database at ``path`` (created if missing), ids of ``bits`` bits.
 
-    def __init__(self, path: str | Path, bits: int = 64) -> None:
+    With ``fsync`` every commit is synced to disk (``synchronous=FULL``), else only the write-ahead log is
+    written (``synchronous=NORMAL``). The database is opened on first use, or at once by :meth:`open`.
+    Failures on disk raise :class:`~balancer.errors.StorageError`.
+    """
+
+    def __init__(self, path: str | Path, bits: int = 64, *, fsync: bool = False) -> None:
         self.path = Path(path)
+        self.fsync = fsync
         self._bits = bits
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="balancer-sqlite")
         self._db: sqlite3.Connection | None = None
         self._closed = False
 
+    def open(self) -> Self:
+        """Open (or create) the database now and prove it takes writes; returns the storage.
+
+        Raises :class:`~balancer.errors.StorageError` (and releases the storage) if the folder cannot be
+        created or the file cannot be opened, written, or is not a SQLite database.
+        """
+        try:
+            self._executor.submit(self._connect).result()
+        except BaseException:
+            self._closed = True
+            self._executor.shutdown(wait=False)
+            raise
+        return self
+
     def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._db is not None:
+            return self._db
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise StorageError(f"cannot use {folder} as the data folder: it is a file")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot use {folder} as the data folder: {exc.strerror or exc}") from exc
+        db: sqlite3.Connection | None = None
+        try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(f"cannot use {self.path}: SQLite refused WAL mode (it stays {mode})")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
             db.executescript(_SCHEMA)
-            self._db = db
-        return self._db
+            # Rewrite the header's user_version with its own value: a write that fails now on a read-only
+            # file or folder, instead of on the first put a client sends.
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version={version}")
+        except (sqlite3.Error, StorageError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"cannot use {self.path} as a database: {exc}") from exc
+        self._db = db
+        log.info("%s: open, WAL, synchronous=%s", self.path, "FULL" if self.fsync else "NORMAL")
+        return db
 
     async def _run(self, func: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise RuntimeError(f"the storage at {self.path} is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: func(self._connect()))
+
+        def run() -> T:
+            db = self._connect()
+            try:
+                return func(db)
+            except sqlite3.Error as exc:  # a full disk, a file changed under us: typed, with the file named
+                raise StorageError(f"{self.path}: {exc}") from exc
+
+        return await loop.run_in_executor(self._executor, run)
 
     async def get(self, key: bytes) -> Record | None:
         def get(db: sqlite3.Connection) -> Record | None:
@@ -166,6 +223,7 @@ def balancer_register_storages(register: Callable[[str, StorageFactory], None]) 
     def make(config: Config) -> Storage:
         if not config.data_dir:
             raise ConfigError("the sqlite storage needs a data folder (--data-dir)")
-        return SqliteStorage(Path(config.data_dir) / FILENAME, config.bits)
+        # opened here, not on first use: a node on an unusable folder must refuse to start
+        return SqliteStorage(Path(config.data_dir) / FILENAME, config.bits, fsync=config.fsync).open()
 
     register("sqlite", make)
