@@ -36,7 +36,7 @@ from balancer.errors import (
 from balancer.failure import FailureDetector
 from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
-from balancer.types import Lookup, NodeInfo, RingView
+from balancer.types import Lookup, NodeInfo, RingView, format_id
 
 __all__ = ["Call", "Chord"]
 
@@ -145,7 +145,9 @@ class Chord:
             raise RingError(f"{bootstrap} returned no successor")
         owner = successors[0]
         if owner.id == self.info.id and owner.address != self.info.address:
-            raise RingError(f"id {self.info.id:x} is already taken by {owner.address}")
+            raise RingError(
+                f"id {format_id(self.info.id, self.space.bits)} is already taken by {owner.address}"
+            )
         self.create()
         self._set_successors(owner, successors[1:])
         await self._notify(self.successor)
@@ -295,7 +297,9 @@ class Chord:
             if (ident - node.id) % size < (ident - last.id) % size:  # only ever move toward the key
                 last, last_successors = node, successors
             candidates = self.prefer_healthy(_nodes(answer.closer)) + candidates
-        raise RingError(f"no route to the owner of {ident:x} from {self.info.address}")
+        raise RingError(
+            f"no route to the owner of {format_id(ident, self.space.bits)} from {self.info.address}"
+        )
 
     def _answer(self, ident: int) -> list[NodeInfo] | None:
         """The owner of ``ident`` and the nodes after it if the owner is this node's successor, else None.

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from balancer.errors import RingError
 from balancer.hookspecs import Route, hookimpl
-from balancer.types import NodeInfo, RingView
+from balancer.types import NodeInfo, RingView, format_id
 
 if TYPE_CHECKING:
     from balancer.node import Node
@@ -281,7 +281,7 @@ def _render(view: RingView, records: int, metrics: NodeMetrics) -> str:
             "balancer_node_info",
             "gauge",
             "This node: its address and its id on the ring (hexadecimal); always 1.",
-            [("", {**me, "id": f"{view.node.id:x}"}, 1)],
+            [("", {**me, "id": format_id(view.node.id)}, 1)],
         ),
         *_family(
             "balancer_kv_operations_total",

@@ -173,7 +173,7 @@ def test_the_exposition_counts_every_hook_per_node() -> None:
 
     text = exporter.render(view, records=12)
     families = parse(text)
-    assert value(families, "balancer_node_info", id="ab") == 1
+    assert value(families, "balancer_node_info", id="00000000000000ab") == 1
     assert value(families, "balancer_kv_operations_total", operation="get", outcome="ok") == 2
     assert value(families, "balancer_kv_operations_total", operation="get", outcome="error") == 1
     assert value(families, "balancer_kv_operations_total", operation="put", outcome="ok") == 0  # other's
