@@ -23,7 +23,7 @@ from balancer.config import Config
 from balancer.errors import KeyNotFoundError
 from balancer.node import Node
 from balancer.plugin import ENTRY_POINT_GROUP, plugin_manager
-from balancer.types import NodeInfo, RingView
+from balancer.types import NodeInfo, RingView, format_id
 
 SOLO = Config(load_entrypoints=False, replicas=1, write_quorum=1, read_quorum=1)
 """A ring of one node can only acknowledge writes on one replica."""
@@ -244,7 +244,7 @@ async def test_a_node_serves_its_metrics() -> None:
         (("node", node.address), ("operation", "put")): 3,
         (("node", node.address), ("operation", "delete")): 0,
     }
-    assert value(families, "balancer_node_info", id=f"{node.info.id:x}") == 1
+    assert value(families, "balancer_node_info", id=format_id(node.info.id)) == 1
     assert value(families, "balancer_records") == 2
     assert value(families, "balancer_ring_members") == 1
     assert value(families, "balancer_successor_list_length") == 1
