@@ -45,7 +45,15 @@ import aiohttp
 import orjson
 from _report import table
 
-FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--anti-entropy-interval", "0.5"]
+FAST = [
+    "--stabilize-interval",
+    "0.2",
+    "--rpc-timeout",
+    "0.5",
+    "--anti-entropy-interval",
+    "0.5",
+    "--no-plugins",
+]
 SOLO = ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,14 +220,18 @@ async def idle(sockets: int, seconds: float) -> dict[str, Any]:
                     raise SystemExit("the node did not start")
                 await asyncio.sleep(0.05)
             host, port = address.split(":")
+            loop = asyncio.get_running_loop()
             opened: list[socket.socket] = []
             try:
-                for _ in range(sockets):
-                    sock = socket.socket()
-                    sock.setblocking(False)
-                    with suppress(BlockingIOError):
-                        sock.connect((host, int(port)))
-                    opened.append(sock)
+                # each connection completed before the next, as a crowd would; all within 30 s
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(30):
+                        for _ in range(sockets):
+                            sock = socket.socket()
+                            opened.append(sock)
+                            sock.setblocking(False)
+                            with suppress(OSError):
+                                await loop.sock_connect(sock, (host, int(port)))
                 asked = answered = 0
                 slowest = 0.0
                 stop = time.monotonic() + seconds
@@ -246,6 +258,7 @@ async def idle(sockets: int, seconds: float) -> dict[str, Any]:
                 "slowest (s)": round(slowest, 3),
                 "log lines": text.count(b"\n"),
                 "log bytes": len(text),
+                "tracebacks": text.count(b"Traceback"),
             }
 
 
