@@ -14,7 +14,7 @@ record found in the message.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -232,6 +232,20 @@ class CompareAnswer(Struct, frozen=True):
 # -- decoding -----------------------------------------------------------------------------------------
 
 
+def _check_records(records: Iterable[WireRecord | None], limits: Limits, size: int) -> None:
+    """The ranges of a batch of records, in one loop: the hot path of every read and write."""
+    max_key, max_value = limits.max_key_bytes, limits.max_value_bytes
+    for record in records:
+        if record is None:
+            continue
+        if not 0 < len(record.key) <= max_key:
+            raise BadRequestError(f"a record's key must be 1 to {max_key} bytes")
+        if record.value is not None and len(record.value) > max_value:
+            raise BadRequestError(f"a record's value is over the limit of {max_value} bytes")
+        if record.version.node >= size:
+            raise BadRequestError(f"writer id {record.version.node} is outside the {limits.bits}-bit ring")
+
+
 def _check(value: Any, limits: Limits, size: int) -> None:
     """Apply the setting-dependent ranges to every node, version and record inside ``value``."""
     if isinstance(value, WireNode):
@@ -241,17 +255,20 @@ def _check(value: Any, limits: Limits, size: int) -> None:
         if value.node >= size:
             raise BadRequestError(f"writer id {value.node} is outside the {limits.bits}-bit ring")
     elif isinstance(value, WireRecord):
-        if not value.key or len(value.key) > limits.max_key_bytes:
-            raise BadRequestError(f"a record's key must be 1 to {limits.max_key_bytes} bytes")
-        if value.value is not None and len(value.value) > limits.max_value_bytes:
-            raise BadRequestError(f"a record's value is over the limit of {limits.max_value_bytes} bytes")
-        _check(value.version, limits, size)
+        _check_records((value,), limits, size)
     elif isinstance(value, Struct):
         for name in value.__struct_fields__:
             _check(getattr(value, name), limits, size)
-    elif isinstance(value, list | tuple):
+    elif isinstance(value, tuple):  # a fixed shape: items of different kinds
         for item in value:
-            if not isinstance(item, int | bytes | str):
+            if item is not None and not isinstance(item, int | bytes | str):
+                _check(item, limits, size)
+    elif isinstance(value, list) and value:  # one kind of item (records may be None)
+        first = value[0]
+        if first is None or isinstance(first, WireRecord):
+            _check_records(value, limits, size)
+        elif not isinstance(first, int | bytes | str):
+            for item in value:
                 _check(item, limits, size)
 
 

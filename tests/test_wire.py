@@ -53,6 +53,8 @@ def _record(version: list[Any], key: bytes = b"k", value: bytes | None = b"v") -
         (wire.Notify, {"node": [1 << 64, "127.0.0.1:1"]}, "outside the 64-bit ring"),
         (wire.Join, {"node": [1, "127.0.0.1:1"], "settings": {"bits": "64"}}, "Expected `int`"),
         (wire.Leaving, {"node": [1, "127.0.0.1:1"], "successors": [[2, "x:1"]] * 65}, "length <= 64"),
+        (wire.StoreAnswer, {"each": [[True, None], [False, [1, 1 << 64]]]}, "writer id"),
+        (wire.ReadManyAnswer, {"records": [None, _record([1, 0], key=b"")]}, "key must be 1 to 16 bytes"),
     ],
 )
 def test_malformed_fields_are_refused_with_the_field_named(
