@@ -17,7 +17,7 @@ import pytest
 
 from balancer.auth import DESTINATION, NONCE, SIGNATURE, TIMESTAMP, ReplayGuard, signed_headers
 from balancer.config import Config
-from balancer.errors import PeerUnreachableError, UnauthorizedError
+from balancer.errors import IncompatibleConfigError, PeerUnreachableError, UnauthorizedError
 from balancer.hookspecs import Payload, PublicApi
 from balancer.node import Node
 from balancer.plugins.aiohttp_transport import AiohttpTransport, rpc_exposure
@@ -158,6 +158,23 @@ async def test_a_node_without_the_secret_cannot_join() -> None:
         async with Node(secured, join=first.address) as friend:
             await friend.put("k", b"v")
             assert await first.get("k") == b"v"
+
+
+async def test_signing_and_open_nodes_never_share_a_ring() -> None:
+    solo = {"load_entrypoints": False, "replicas": 1, "write_quorum": 1, "read_quorum": 1}
+    open_ring = Config(**solo)  # type: ignore[arg-type]
+    signing = open_ring.evolve(cluster_secret=SECRET)
+    async with Node(open_ring) as first:  # a node with a secret does not join a ring without one
+        joiner = Node(signing, join=first.address)
+        with pytest.raises(IncompatibleConfigError, match="secured"):
+            await joiner.start()
+        assert joiner.stopped
+    async with Node(signing) as first:  # nor one without a secret a ring with one
+        with pytest.raises(UnauthorizedError):
+            await Node(open_ring, join=first.address).start()
+    async with Node(open_ring) as first:  # a token alone signs RPCs too: no joining an open ring
+        with pytest.raises(IncompatibleConfigError, match="secured"):
+            await Node(open_ring.evolve(api_token="t"), join=first.address).start()
 
 
 @pytest.fixture(scope="module")
