@@ -48,6 +48,17 @@ def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     return tuple(_address(ctx, param, value) or value for value in values)
 
 
+def _seconds(flag: str, default: float, text: str, *, zero_ok: bool = False) -> Callable[..., Any]:
+    """An option that is a duration in seconds: positive (or, with ``zero_ok``, not negative)."""
+    return click.option(
+        flag,
+        type=click.FloatRange(min=0, min_open=not zero_ok),
+        default=default,
+        show_default=True,
+        help=text,
+    )
+
+
 def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by ``node`` and ``repl``."""
     options = [
@@ -76,19 +87,11 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Length of the successor list.",
         ),
-        click.option(
-            "--stabilize-interval",
-            type=float,
-            default=0.5,
-            show_default=True,
-            help="Seconds between stabilization rounds.",
-        ),
-        click.option(
+        _seconds("--stabilize-interval", 0.5, "Seconds between stabilization rounds."),
+        _seconds(
             "--rpc-timeout",
-            type=float,
-            default=1.0,
-            show_default=True,
-            help="Seconds before a peer that does not answer counts as failed.",
+            1.0,
+            "Shortest timeout of a call between nodes; each peer's follows its round-trips.",
         ),
         click.option("--transport", default="aiohttp", show_default=True, help="Transport plugin."),
         click.option("--storage", help="Storage plugin (default: sqlite with --data-dir, else memory)."),
@@ -123,20 +126,8 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Where replicas go: the successors, or N independent ring places.",
         ),
-        click.option(
-            "--anti-entropy-interval",
-            type=float,
-            default=5.0,
-            show_default=True,
-            help="Seconds between replica maintenance passes.",
-        ),
-        click.option(
-            "--tombstone-grace",
-            type=float,
-            default=86400.0,
-            show_default=True,
-            help="Seconds a delete's tombstone is kept.",
-        ),
+        _seconds("--anti-entropy-interval", 5.0, "Seconds between replica maintenance passes."),
+        _seconds("--tombstone-grace", 86400.0, "Seconds a delete's tombstone is kept."),
         click.option(
             "--cluster-secret",
             envvar="BALANCER_CLUSTER_SECRET",
@@ -173,12 +164,10 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Largest value accepted.",
         ),
-        click.option(
+        _seconds(
             "--max-clock-skew",
-            type=click.FloatRange(min=0, min_open=True),
-            default=60.0,
-            show_default=True,
-            help="Seconds a peer's clock may be ahead; records stamped further ahead are refused.",
+            60.0,
+            "Seconds a peer's clock may be ahead; records stamped further ahead are refused.",
         ),
         click.option(
             "--max-connections",
@@ -187,31 +176,18 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Most connections served at once (a share is kept for ring RPCs).",
         ),
-        click.option(
-            "--idle-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=30.0,
-            show_default=True,
-            help="Seconds an idle keep-alive connection is kept open.",
-        ),
-        click.option(
-            "--header-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=10.0,
-            show_default=True,
-            help="Seconds a new connection has to send its request head.",
-        ),
+        _seconds("--idle-timeout", 30.0, "Seconds an idle keep-alive connection is kept open."),
+        _seconds("--header-timeout", 10.0, "Seconds a new connection has to send its request head."),
         click.option(
             "--fsync",
             is_flag=True,
             help="Sync every write to disk (survives power loss; slower). Needs --data-dir.",
         ),
-        click.option(
+        _seconds(
             "--join-timeout",
-            type=click.FloatRange(min=0),
-            default=30.0,
-            show_default=True,
-            help="Seconds to keep retrying --join seeds that do not answer yet.",
+            30.0,
+            "Seconds to keep retrying --join seeds that do not answer yet.",
+            zero_ok=True,
         ),
         click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points)."),
     ]

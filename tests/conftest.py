@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
-from helpers import QUIET, RingFactory, converge
+from helpers import QUIET, RingFactory, converge, stranger
 from hypothesis import HealthCheck, settings
 from processes import Cluster
 
@@ -72,3 +72,10 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield made
     finally:
         made.stop_all()
+
+
+@pytest.fixture
+async def stranger_address() -> AsyncIterator[str]:
+    """An HTTP server on 127.0.0.1 that is not a balancer node (see ``helpers.stranger``)."""
+    async with stranger() as address:
+        yield address

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from aiohttp import web
 
 from balancer.node import Node
 
@@ -63,3 +67,29 @@ async def copies(nodes: list[Node]) -> dict[bytes, int]:
         for record in await node.local_records():
             counts[record.key] = counts.get(record.key, 0) + 1
     return counts
+
+
+STRANGER_PAGE = (
+    "<!DOCTYPE html>\n<html>\n<head><title>404 Not Found</title></head>\n<body>nope</body>\n</html>\n"
+)
+"""What :func:`stranger` answers to anything."""
+
+
+@contextlib.asynccontextmanager
+async def stranger() -> AsyncIterator[str]:
+    """The address of an HTTP server on 127.0.0.1 that is not a balancer node: an HTML 404 for anything."""
+
+    async def anything(request: web.Request) -> web.Response:
+        return web.Response(status=404, text=STRANGER_PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as sock:  # closed after the server that listens on it
+        sock.bind(("127.0.0.1", 0))
+        try:
+            await web.SockSite(runner, sock).start()
+            yield f"127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            await runner.cleanup()

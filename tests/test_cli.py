@@ -43,7 +43,10 @@ def test_bad_addresses_are_usage_errors() -> None:
 def test_bad_settings_are_usage_errors() -> None:
     result = CliRunner().invoke(main, ["node", "--ring", "--rpc-timeout", "-1"])
     assert result.exit_code == 2
-    assert "rpc_timeout must be a positive number" in result.output
+    assert "'--rpc-timeout': -1.0 is not in the range x>0" in result.output
+    inconsistent = CliRunner().invoke(main, ["node", "--ring", "--replicas", "3", "--write-quorum", "4"])
+    assert inconsistent.exit_code == 2
+    assert "write_quorum must be in [1, replicas=3]" in inconsistent.output
     unknown = CliRunner().invoke(main, ["node", "--ring", "--storage", "cassandra", "--no-plugins"])
     assert unknown.exit_code == 1
     assert "no storage named 'cassandra'; available: memory, sqlite" in unknown.output

@@ -5,13 +5,11 @@ loopback sockets where the wire matters)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pluggy
 import pytest
-from aiohttp import web
 from helpers import QUIET, SOLO, converge
 
 from balancer.config import Config
@@ -149,29 +147,10 @@ async def test_a_refusal_is_final_not_waited_for(
     assert waits == []
 
 
-@pytest.fixture
-async def stranger() -> AsyncIterator[str]:
-    """The address of an HTTP server on 127.0.0.1 that is not a balancer node: an HTML 404 for anything."""
-    page = "<!DOCTYPE html>\n<html>\n<head><title>404 Not Found</title></head>\n<body>nope</body>\n</html>\n"
-
-    async def anything(request: web.Request) -> web.Response:
-        return web.Response(status=404, text=page, content_type="text/html")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        site = web.SockSite(runner, sock)
-        await site.start()
-        try:
-            yield f"127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            await runner.cleanup()
-
-
-async def test_a_seed_that_is_not_a_balancer_node_is_skipped(stranger: str, pm: pluggy.PluginManager) -> None:
+async def test_a_seed_that_is_not_a_balancer_node_is_skipped(
+    stranger_address: str, pm: pluggy.PluginManager
+) -> None:
+    stranger = stranger_address
     settings = Config(load_entrypoints=False).evolve(**QUIET)
     waits: Waits = []
     async with Node(settings, pm=pm) as seed:

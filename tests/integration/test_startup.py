@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import helpers
 import pytest
-from aiohttp import web
 from processes import Cluster, Proc, free_port, ring_correct, status, until
 
 from balancer.keyspace import hash_key
@@ -99,19 +99,7 @@ async def test_a_node_that_may_create_the_ring_does_not_wait(cluster: Cluster) -
 
 
 async def test_a_seed_that_is_not_a_balancer_node_gets_one_line(cluster: Cluster) -> None:
-    page = "<!DOCTYPE html>\n<html>\n<body><h1>404 Not Found</h1></body>\n</html>\n"
-
-    async def anything(request: web.Request) -> web.Response:
-        return web.Response(status=404, text=page, content_type="text/html")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stranger = f"127.0.0.1:{port}"
-    try:
+    async with helpers.stranger() as stranger:
         seed = cluster.start()
         async with aiohttp.ClientSession() as http:
             await until(lambda: _up(http, seed.address), what="the seed")
@@ -126,15 +114,13 @@ async def test_a_seed_that_is_not_a_balancer_node_gets_one_line(cluster: Cluster
         alone = cluster.start(join=stranger)
         assert await exit_status(alone) == 1
         output = alone.output()
-        size = len(page.encode())
+        size = len(helpers.STRANGER_PAGE.encode())
         assert error_lines(alone) == [
             f"Error: cannot join through {stranger}: HTTP 404 answer is not JSON ({size} bytes); "
             "is it a balancer node?"
         ], output
         for absent in ("<", "Traceback", "waiting for", "WARNING"):
             assert absent not in output
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_settings_refusal_is_final(cluster: Cluster) -> None:
