@@ -153,7 +153,10 @@ class Config:
         )
         require(self.max_key_bytes >= 1, "max_key_bytes must be positive")
         require(self.max_value_bytes >= 0, "max_value_bytes must be non-negative")
-        require(self.handoff_batch >= 1, "handoff_batch must be positive")
+        # a message carries at most 4,096 records (balancer.wire.MAX_BATCH)
+        require(
+            1 <= self.handoff_batch <= 4096, f"handoff_batch must be in [1, 4096], got {self.handoff_batch}"
+        )
         if self.node_id is not None:
             require(0 <= self.node_id < 1 << self.bits, f"node_id must be in [0, 2**{self.bits})")
 

@@ -110,6 +110,11 @@ def _abandon(future: asyncio.Future[Any]) -> None:
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
+def _key_batches(keys: list[bytes]) -> list[list[bytes]]:
+    """Reads of one turn cut into messages a peer accepts (at most ``wire.MAX_BATCH`` keys each)."""
+    return [keys[i : i + wire.MAX_BATCH] for i in range(0, len(keys), wire.MAX_BATCH)]
+
+
 def _summary(results: list[Stored]) -> tuple[int, Version | None]:
     """How many records were kept, and the greatest version that beat one of the others."""
     newer = [v for _, v in results if v is not None]
@@ -457,7 +462,8 @@ class KVService:
             return await self.storage.get(key)
         batcher = self._readers.get(node.address)
         if batcher is None:
-            batcher = self._readers[node.address] = _Batcher(functools.partial(self._read_many, node.address))
+            send = functools.partial(self._read_many, node.address)
+            batcher = self._readers[node.address] = _Batcher(send, _key_batches)
         record = await batcher.submit(key)
         if record is not None:
             self.clock.observe(record.version.timestamp)

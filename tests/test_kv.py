@@ -252,3 +252,14 @@ async def test_a_miss_on_the_replicas_asks_the_fallbacks(make_ring: RingFactory)
             assert await node.storage.get(b"stray") == record  # the replicas were repaired
     with pytest.raises(KeyNotFoundError):
         await nodes[0].get("never-written-anywhere")
+
+
+async def test_more_reads_in_one_turn_than_a_message_carries_are_split(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(2, replicas=2, write_quorum=2, read_quorum=2)
+    await nodes[0].put("k", b"v")
+    reads = network.calls["kv.read_many"]
+    values = await asyncio.gather(*(nodes[0].get("k") for _ in range(5000)))  # one turn, one peer
+    assert values == [b"v"] * 5000
+    assert network.calls["kv.read_many"] - reads == 2  # 4,096 keys, then the rest
