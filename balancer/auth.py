@@ -135,11 +135,20 @@ class ReplayGuard:
                 f"the request was signed {self.started - sent:.3f} s before this node started; "
                 "a node never accepts what it may have accepted before a restart"
             )
-        self._forget_before(now - self.max_skew)
+        self._forget_before(now - 2 * self.max_skew)
         if nonce in self._seen:
             raise UnauthorizedError("the request was replayed")
-        self._seen[nonce] = sent
+        self._seen[nonce] = now
 
     def _forget_before(self, cutoff: float) -> None:
-        if len(self._seen) > 1024:
-            self._seen = {n: t for n, t in self._seen.items() if t >= cutoff}
+        """Drop nonces that arrived before ``cutoff``, oldest first, in time proportional to those dropped.
+
+        A nonce that arrived at ``a`` was signed no earlier than ``a - max_skew``, so a replay of it is
+        refused by the timestamp check after ``a + 2 * max_skew``: it need not be remembered longer.
+        """
+        seen = self._seen  # insertion order is arrival order
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] >= cutoff:
+                break
+            del seen[oldest]

@@ -332,6 +332,10 @@ class Chord:
         return None
 
     def _closest_preceding(self, ident: int) -> list[NodeInfo]:
+        """Known nodes between this node and ``ident``, the closest to ``ident`` first, suspects last."""
+        return self.prefer_healthy(self._preceding(ident))
+
+    def _preceding(self, ident: int) -> list[NodeInfo]:
         """Known nodes strictly between this node and ``ident``, the closest to ``ident`` first."""
         known: Iterable[NodeInfo | None] = (
             [*self.fingers, *self.successors] if self.successor_shortcut else [*self.fingers, self.successor]
@@ -339,7 +343,7 @@ class Chord:
         size = self.space.size
         me = self.info.id
         between = {n for n in known if n is not None and in_interval(n.id, me, ident, size)}
-        return self.prefer_healthy(sorted(between, key=lambda n: (ident - n.id) % size))
+        return sorted(between, key=lambda n: (ident - n.id) % size)
 
     def prefer_healthy(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
         """``nodes`` in the same order, except that suspected ones go last: a slow peer is asked only
@@ -396,10 +400,11 @@ class Chord:
             # A list that named the whole ring still does without the member that failed or left, so
             # ``wraps`` stays: clearing it would make this node leave itself out of its own answers.
             self.successors = [s for s in self.successors if s != node]
-            if not self.successors:  # every successor is gone: the closest live finger, else ourselves
+            if not self.successors:  # every successor is gone: the nearest live finger, else ourselves
                 self.successors = [self.info]
-                ahead = self._closest_preceding((self.info.id - 1) % self.space.size)
-                self.successors = ahead[-1:] or [self.info]
+                ahead = self._preceding((self.info.id - 1) % self.space.size)  # the nearest one last
+                healthy = [n for n in ahead if not (self.detector and self.detector.suspect(n.address))]
+                self.successors = (healthy or ahead)[-1:] or [self.info]
                 self.wraps = self.successors == [self.info]
         if node == self.predecessor:
             self._set_predecessor(None)

@@ -10,7 +10,8 @@ nothing and the client a failed quorum. :class:`FailureDetector` keeps, per peer
   answers slowly wait for it instead of failing;
 - the times between its answers, from which the suspicion of a silent peer grows, in the manner of the
   phi-accrual detector (Hayashibara et al., 2004; used by Cassandra and Akka): with answers arriving at
-  mean interval ``m``, after ``t`` seconds of silence ``phi = t / m * log10(e)``, the exponential
+  mean interval ``m``, after ``t`` seconds of silence (counted from the first call it left unanswered)
+  ``phi = t / m * log10(e)``, the exponential
   distribution's ``-log10 P(silence >= t)``. A peer is *failed* once ``phi`` reaches the threshold
   (8 by default: about 18 mean intervals of silence), or at once when it refuses connections, which only
   a peer whose process is gone does.
@@ -54,6 +55,9 @@ class PeerHealth:
     a peer consistently slower than the timeout is soon given the time it needs."""
     suspect: bool = False
     """Whether the last call to it failed."""
+    waiting_since: float | None = None
+    """When the first call that went unanswered since its last answer was made: silence counts from
+    there, not from the last answer (a peer nobody called for a minute has not been silent a minute)."""
     refused: bool = False
     """Whether the last call found no process listening: failed without doubt."""
 
@@ -106,21 +110,25 @@ class FailureDetector:
             health.rttvar = 0.75 * health.rttvar + 0.25 * abs(health.srtt - rtt)
             health.srtt = 0.875 * health.srtt + 0.125 * rtt
         health.suspect = health.refused = False
+        health.waiting_since = None
         health.backoff = 1.0
 
-    def missed(self, address: str, exc: PeerUnreachableError) -> None:
-        """Record a call to ``address`` that failed with ``exc``."""
+    def missed(self, address: str, exc: PeerUnreachableError, since: float | None = None) -> None:
+        """Record a call to ``address``, made at ``since`` (now by default), that failed with ``exc``."""
         health = self._health(address)
+        if health.waiting_since is None:
+            health.waiting_since = self._clock() if since is None else since
         health.suspect = True
         health.refused = exc.refused
         health.backoff = min(2 * health.backoff, 8.0)
 
     def phi(self, address: str) -> float:
-        """The suspicion of ``address`` now: 0 for a peer never called, growing with its silence."""
+        """The suspicion of ``address`` now: 0 for a peer that answered its last call, then growing with
+        the time since the first call it left unanswered."""
         health = self._peers.get(address)
-        if health is None:
+        if health is None or health.waiting_since is None:
             return 0.0
-        return max(0.0, self._clock() - health.last_heard) / health.interval * _LOG10_E
+        return max(0.0, self._clock() - health.waiting_since) / health.interval * _LOG10_E
 
     def suspect(self, address: str) -> bool:
         """Whether the last call to ``address`` failed (routing should prefer other peers)."""
@@ -146,7 +154,7 @@ class FailureDetector:
             try:
                 answer = await call(address, method, payload, self.timeout(address, timeout))
             except PeerUnreachableError as exc:
-                self.missed(address, exc)
+                self.missed(address, exc, since=started)
                 raise
             except BalancerError:  # an error answer is still an answer: the peer is alive
                 self.answered(address, self._clock() - started)

@@ -56,7 +56,8 @@ Handler = Callable[[Payload], Awaitable[Payload]]
 class Route:
     """An extra HTTP endpoint a plugin serves on every node (``GET /metrics``, say).
 
-    ``handler()`` returns ``(status, content type, body)``; transports without HTTP ignore routes.
+    ``handler()`` returns ``(status, content type, body)``; transports without HTTP ignore routes. With an
+    API token set, the endpoint needs it as ``/status`` does (Prometheus sends one with ``authorization``).
     """
 
     method: str

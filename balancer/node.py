@@ -369,6 +369,8 @@ class Node(PublicApi):
 
     def _on_ring_event(self, event: str, peer: NodeInfo) -> None:
         self._membership_changed.set()
+        if event != "joined" and self._kv is not None:
+            self._kv.forget_peer(peer.address)
         self._emit(f"node_{event}", node=self.chord.info, peer=peer)
 
     def _on_predecessor_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:

@@ -285,6 +285,15 @@ def decode(schema: type[T], payload: Any, limits: Limits) -> T:
         raise BadRequestError(f"id {message.id} is outside the {limits.bits}-bit ring")
     if isinstance(message, Compare) and any(writer >= size for _, _, writer in message.entries):
         raise BadRequestError(f"a writer id is outside the {limits.bits}-bit ring")
+    keys: list[bytes] = []  # keys that are bare bytes rather than parts of records
+    if isinstance(message, ReadMany):
+        keys = message.keys
+    elif isinstance(message, Compare):
+        keys = [key for key, _, _ in message.entries]
+    elif isinstance(message, CompareAnswer):
+        keys = message.want
+    if any(not 0 < len(key) <= limits.max_key_bytes for key in keys):
+        raise BadRequestError(f"a key must be 1 to {limits.max_key_bytes} bytes")
     return message
 
 

@@ -239,3 +239,20 @@ async def test_a_list_shortened_by_failures_is_not_taken_for_the_whole_ring(netw
     assert not start.wraps
     found = await start.find_successor(200)
     assert found.owner.id == 208
+
+
+async def test_a_node_that_loses_every_successor_falls_back_to_its_nearest_healthy_finger(
+    network: LocalNetwork,
+) -> None:
+    from balancer.failure import FailureDetector
+
+    detector = FailureDetector(1.0)
+    me = await peer(network, 10, r=1, detector=detector)
+    near, far, succ = NodeInfo(20, "near:1"), NodeInfo(200, "far:1"), NodeInfo(15, "succ:1")
+    me.successors = [succ]
+    me.fingers = [near, far] + [None] * (len(me.fingers) - 2)
+    detector.missed(near.address, PeerUnreachableError(near.address, "timed out"))  # near is only slow...
+    detector.answered(near.address, 0.5)  # ...and answered since
+    detector.missed(far.address, PeerUnreachableError(far.address, "timed out"))  # far is suspected
+    me.forget(succ)
+    assert me.successors == [near]

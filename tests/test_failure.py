@@ -60,6 +60,17 @@ def test_a_silent_peer_is_failed_once_phi_reaches_the_threshold() -> None:
     assert detector.phi("peer:1") >= 8.0
 
 
+def test_silence_counts_from_the_first_unanswered_call_not_the_last_answer() -> None:
+    clock = FakeClock()
+    detector = FailureDetector(1.0, threshold=8.0, clock=clock)
+    detector.answered("peer:1", 0.01)
+    clock.now += 60  # nobody called it for a minute
+    detector.missed("peer:1", _timeout(), since=clock.now - 1.0)  # one call, one timeout
+    assert detector.suspect("peer:1")
+    assert not detector.failed("peer:1")
+    assert detector.phi("peer:1") < 1
+
+
 def test_a_refused_connection_fails_the_peer_at_once() -> None:
     detector = FailureDetector(1.0, clock=FakeClock())
     detector.answered("peer:1", 0.01)
@@ -166,3 +177,20 @@ async def test_a_cancelled_read_leaves_no_task_unattended(
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert not [e for e in errors if "never retrieved" in str(e.get("message"))], errors
+
+
+async def test_a_failed_peer_leaves_no_per_peer_state_behind(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3)
+    await nodes[0].put("k", b"v")
+    assert await nodes[0].get("k") == b"v"
+    dead = nodes[1]
+    assert dead.address in nodes[0].kv._readers or dead.address in nodes[0].kv._writers
+    network.kill(dead.address)
+    await nodes[0].chord.stabilize()
+    await nodes[0].chord.check_predecessor()
+    await nodes[0].put("k2", b"v")  # calls it, finds it refusing, forgets it
+    assert dead.info not in nodes[0].chord.successors
+    assert dead.address not in nodes[0].kv._readers
+    assert dead.address not in nodes[0].kv._writers

@@ -148,6 +148,24 @@ def test_replay_guard_window() -> None:
         guard.check("m", {DESTINATION: "n:1", TIMESTAMP: "1", NONCE: "x", SIGNATURE: "00"}, b"{}")
 
 
+def test_the_replay_guard_forgets_nonces_it_no_longer_needs() -> None:
+    now = [1000.0]
+    guard = ReplayGuard(SECRET, max_skew=30, clock=lambda: now[0], destinations=["n:1"])
+    first = signed_headers(SECRET, "m", "n:1", b"{}", now=now[0])
+    guard.check("m", first, b"{}")
+    for _ in range(3000):  # 100 requests a second for 30 s
+        now[0] += 0.01
+        guard.check("m", signed_headers(SECRET, "m", "n:1", b"{}", now=now[0]), b"{}")
+    with pytest.raises(UnauthorizedError, match="replayed"):  # still within the window: remembered
+        guard.check("m", first, b"{}")
+    for _ in range(3000):
+        now[0] += 0.02
+        guard.check("m", signed_headers(SECRET, "m", "n:1", b"{}", now=now[0]), b"{}")
+    assert len(guard._seen) <= 3001  # only the last two skew windows (60 s) of nonces are kept
+    with pytest.raises(UnauthorizedError, match="off"):  # forgotten, and refused by its age instead
+        guard.check("m", first, b"{}")
+
+
 async def test_a_node_without_the_secret_cannot_join() -> None:
     secured = Config(cluster_secret=SECRET, load_entrypoints=False, replicas=1, write_quorum=1, read_quorum=1)
     async with Node(secured) as first:

@@ -54,6 +54,14 @@ def _record(version: list[Any], key: bytes = b"k", value: bytes | None = b"v") -
         (wire.Join, {"node": [1, "127.0.0.1:1"], "settings": {"bits": "64"}}, "Expected `int`"),
         (wire.Leaving, {"node": [1, "127.0.0.1:1"], "successors": [[2, "x:1"]] * 65}, "length <= 64"),
         (wire.StoreAnswer, {"each": [[True, None], [False, [1, 1 << 64]]]}, "writer id"),
+        (wire.ReadMany, {"keys": [_b64(b"k" * 17)]}, "key must be 1 to 16 bytes"),
+        (wire.ReadMany, {"keys": [""]}, "key must be 1 to 16 bytes"),
+        (
+            wire.Compare,
+            {"node": [1, "a:1"], "bucket": 1, "entries": [[_b64(b"k" * 17), 1, 1]]},
+            "key must be",
+        ),
+        (wire.CompareAnswer, {"want": [_b64(b"k" * 17)], "records": []}, "key must be 1 to 16 bytes"),
         (wire.ReadManyAnswer, {"records": [None, _record([1, 0], key=b"")]}, "key must be 1 to 16 bytes"),
     ],
 )
@@ -114,3 +122,24 @@ async def test_records_pulled_from_a_peer_beyond_the_skew_are_not_stored(make_ri
         await node.kv.maintain()
     assert await nodes[1].storage.get(b"future") is None
     assert HybridClock.seconds(nodes[1].kv.clock.now()) < time.time() + 120
+
+
+async def test_a_future_record_already_stored_is_never_read_nor_spread(make_ring: RingFactory) -> None:
+    from balancer.types import Record, Version
+
+    nodes = await make_ring(3)
+    await nodes[0].put("k", b"now")
+    far = int((time.time() + 3600) * 1000) << 16
+    # stored before the skew check existed, on one replica
+    await nodes[2].storage.put(Record(b"k", b"future", Version(far, nodes[2].info.id)))
+    for node in nodes:
+        assert await node.get("k") == b"now"
+    for node in nodes:
+        await node.kv.drain()
+    for node in nodes[:2]:
+        held = await node.storage.get(b"k")
+        assert held is not None
+        assert held.value == b"now"  # no repair spread the future record
+        assert HybridClock.seconds(node.kv.clock.now()) < time.time() + 120
+    await nodes[0].put("k", b"later")  # the key stays writable where it is not poisoned
+    assert await nodes[1].get("k") == b"later"

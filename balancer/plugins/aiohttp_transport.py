@@ -279,6 +279,7 @@ def _is_loopback(host: str) -> bool:
 
 def _serve_route(route: Route) -> WebHandler:
     async def serve(request: web.Request) -> web.StreamResponse:
+        _authorize(request)  # a plugin's endpoint (metrics, say) is as guarded as /status
         status, content_type, body = await route.handler()
         # set as a header: aiohttp's content_type argument refuses parameters such as charset
         return web.Response(body=body, status=status, headers={"Content-Type": content_type})
