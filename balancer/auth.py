@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from balancer.errors import UnauthorizedError
+from balancer.errors import StaleRequestError, UnauthorizedError
 
 __all__ = [
     "DESTINATION",
@@ -131,7 +131,7 @@ class ReplayGuard:
                 f"the request's timestamp is {now - sent:+.0f} s off (limit {self.max_skew:g} s)"
             )
         if sent < self.started:
-            raise UnauthorizedError(
+            raise StaleRequestError(
                 f"the request was signed {self.started - sent:.3f} s before this node started; "
                 "a node never accepts what it may have accepted before a restart"
             )

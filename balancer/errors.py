@@ -20,6 +20,7 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── PluginError                         a plugin is missing or misbehaving
      ├── StorageError                        the storage cannot be opened, read or written
      ├── UnauthorizedError                   a missing or bad HMAC, token or timestamp   -> 401
+     │    └── StaleRequestError              signed before the receiver started           -> 401
      └── RingError                           join failed, node has left, no successor answers
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
           └── QuorumError                    fewer replicas answered than the quorum    -> 503
@@ -43,6 +44,7 @@ __all__ = [
     "QuorumError",
     "RemoteError",
     "RingError",
+    "StaleRequestError",
     "StorageError",
     "TooLargeError",
     "UnauthorizedError",
@@ -185,3 +187,9 @@ class QuorumError(RingError):
 
 class UnauthorizedError(BalancerError, PermissionError):
     """A request lacks a valid signature, token or timestamp (HTTP 401); nothing was changed."""
+
+
+class StaleRequestError(UnauthorizedError):
+    """A signed request is older than the receiver's start (HTTP 401): it may be a replay from before a
+    restart. A sender whose clock is a little behind a node that just started gets it too; a freshly
+    signed request, a moment later, passes."""

@@ -34,6 +34,7 @@ from balancer.errors import (
     PeerUnreachableError,
     RemoteError,
     RingError,
+    StaleRequestError,
     UnauthorizedError,
     UnknownMethodError,
 )
@@ -174,6 +175,9 @@ class Node(PublicApi):
             for seed in list(waiting):
                 try:
                     await chord.join(seed)
+                except StaleRequestError as exc:  # our clock is behind a seed that just started: ask again
+                    problems[seed] = exc
+                    continue
                 except (IncompatibleConfigError, UnauthorizedError):  # a refusal: asking again will not help
                     raise
                 except BadAnswerError as exc:  # up, and not a balancer node

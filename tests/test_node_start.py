@@ -147,6 +147,27 @@ async def test_a_refusal_is_final_not_waited_for(
     assert waits == []
 
 
+async def test_a_joiner_whose_clock_is_behind_a_fresh_seed_asks_again(pm: pluggy.PluginManager) -> None:
+    from balancer.plugins.aiohttp_transport import _RPC_AUTH, AiohttpTransport
+
+    settings = Config(load_entrypoints=False, cluster_secret="right").evolve(**QUIET, **SOLO)
+    waits: Waits = []
+    async with Node(settings, pm=pm) as seed:
+        assert isinstance(seed.transport, AiohttpTransport)
+        runner = seed.transport._runner
+        assert runner is not None
+        guard = runner.app[_RPC_AUTH].guard
+        assert guard is not None
+        guard.started = time.time() + 0.6  # as if the joiner's clock were 0.6 s behind the seed's
+        joiner = Node(settings, join=seed.address, pm=pm)
+        try:
+            await joiner.start(on_join_wait=recorder(waits))
+            assert joiner.bootstrap == seed.address
+        finally:
+            await joiner.leave()
+    assert waits  # refused as stale at first, then let in once its signatures were newer than the start
+
+
 async def test_a_seed_that_is_not_a_balancer_node_is_skipped(
     stranger_address: str, pm: pluggy.PluginManager
 ) -> None:

@@ -77,6 +77,7 @@ _REBUILD: dict[str, Callable[[str], BalancerError]] = {
         errors.TooLargeError,
         errors.UnknownMethodError,
         errors.UnauthorizedError,
+        errors.StaleRequestError,
     )
 }
 _REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removeprefix("not found: "))
