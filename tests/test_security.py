@@ -476,3 +476,36 @@ async def test_non_ascii_signatures_and_tokens_get_401_json(
     assert orjson.loads(rest)["error"]["type"] == "UnauthorizedError"
     assert seen == []
     assert box.data == {}
+
+
+async def test_tls_handshakes_that_never_finish_are_capped_and_the_port_stays_open(pki: Pki) -> None:
+    tls = Config(
+        tls_cert=pki.cert, tls_key=pki.key, tls_ca=pki.ca, load_entrypoints=False, max_connections=64
+    )
+    server, box = AiohttpTransport(tls), Box()
+    port = await server.serve("127.0.0.1", 0, {}, api=box)
+    gate = server.gate
+    assert gate is not None
+    loop = asyncio.get_running_loop()
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(300):  # connect, then never say a word of TLS
+            sock = socket.socket()
+            stalled.append(sock)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+        for _ in range(20):  # let the server accept what the backlog holds
+            await asyncio.sleep(0)
+        assert gate.open <= gate.cap
+        assert gate.counts["evicted"] + gate.counts["refused"] > 0
+        client = ssl.create_default_context(cafile=pki.ca)
+        async with (  # an honest client still gets through
+            aiohttp.ClientSession() as http,
+            http.put(f"https://127.0.0.1:{port}/kv/k", data=b"v", ssl=client) as resp,
+        ):
+            assert resp.status == 200
+        assert box.data == {"k": b"v"}
+    finally:
+        for sock in stalled:
+            sock.close()
+        await server.aclose()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
@@ -99,14 +100,16 @@ class ConnectionGate:
         # insertion order is age: the first idle one is the oldest
         self._public: dict[GatedHandler, None] = {}
         self._ring: set[GatedHandler] = set()
+        # TLS connections accepted whose handshake has not finished (they hold descriptors too), oldest first
+        self._handshaking: dict[asyncio.Transport, None] = {}
         self._pending: Counter[str] = Counter()
         self._flush: asyncio.TimerHandle | None = None
         self._quiet_until = 0.0
 
     @property
     def open(self) -> int:
-        """Connections open now."""
-        return len(self._public) + len(self._ring)
+        """Connections open now (TLS handshakes in progress included)."""
+        return len(self._public) + len(self._ring) + len(self._handshaking)
 
     @property
     def ring(self) -> int:
@@ -116,12 +119,50 @@ class ConnectionGate:
     def admit(self, conn: GatedHandler) -> bool:
         """Count a new connection in; False if it must be closed at once (no idle one could make room)."""
         self._public[conn] = None
-        if len(self._public) <= self.cap - self.reserve and self.open <= self.cap:
+        if self._room():
             return True
-        victim = next((c for c in self._public if c is not conn and not c.busy), None)
+        if self._evict(spare=conn):
+            return True
+        del self._public[conn]
+        self.note("refused")
+        return False
+
+    def begin_handshake(self, transport: asyncio.Transport) -> bool:
+        """Count in a TLS connection just accepted, before its handshake; False if it must be closed.
+
+        When full, the oldest idle public connection makes room, else the oldest handshake still going
+        (an honest one takes milliseconds; a crowd of stalled ones must not lock the port).
+        """
+        self._handshaking[transport] = None
+        if self._room() or self._evict():
+            return True
+        oldest = next((t for t in self._handshaking if t is not transport), None)
+        if oldest is not None:
+            del self._handshaking[oldest]
+            oldest.abort()
+            self.note("evicted")
+            return True
+        del self._handshaking[transport]
+        self.note("refused")
+        return False
+
+    def end_handshake(self, transport: asyncio.Transport) -> None:
+        """The handshake finished, or failed: the connection is admitted as a connection, or gone."""
+        self._handshaking.pop(transport, None)
+
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes in progress."""
+        return len(self._handshaking)
+
+    def _room(self) -> bool:
+        public = len(self._public) + len(self._handshaking)
+        return public <= self.cap - self.reserve and self.open <= self.cap
+
+    def _evict(self, spare: GatedHandler | None = None) -> bool:
+        """Close the oldest idle public connection other than ``spare``; False if there is none."""
+        victim = next((c for c in self._public if c is not spare and not c.busy), None)
         if victim is None:
-            del self._public[conn]
-            self.note("refused")
             return False
         self.release(victim)
         victim.force_close()
@@ -308,7 +349,7 @@ class GatedSite(web.BaseSite):
     :param handshake_timeout: seconds a TLS handshake may take (with ``ssl_context``).
     """
 
-    __slots__ = ("_gate", "_handshake_timeout", "_host", "_options", "_port")
+    __slots__ = ("_gate", "_handshake_timeout", "_host", "_options", "_port", "_upgrades")
 
     def __init__(
         self,
@@ -326,6 +367,7 @@ class GatedSite(web.BaseSite):
         self._gate = gate
         self._options = handler_options
         self._handshake_timeout = handshake_timeout
+        self._upgrades: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -343,12 +385,73 @@ class GatedSite(web.BaseSite):
         def connection() -> GatedHandler:
             return GatedHandler(server, gate=self._gate, loop=loop, **self._options)
 
+        factory: Callable[[], asyncio.BaseProtocol] = connection
+        if self._ssl_context is not None:
+            # TLS is started here, after the gate counted the connection, rather than by the server
+            # before any protocol hears of it: a crowd that never finishes its handshakes is capped too
+            context, timeout = self._ssl_context, self._handshake_timeout
+
+            def factory() -> asyncio.BaseProtocol:
+                return _Handshake(self._gate, connection, context, timeout, self._upgrades)
+
         self._server = await loop.create_server(
-            connection,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=True,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+
+    async def stop(self) -> None:
+        """Stop listening; cancel the TLS handshakes in progress."""
+        for task in list(self._upgrades):
+            task.cancel()
+        await super().stop()
+
+
+class _Handshake(asyncio.Protocol):
+    """A TLS connection from its accept to the end of its handshake, counted by the gate all along.
+
+    It starts TLS on the accepted socket within ``timeout`` seconds, then hands the encrypted transport to
+    a new :class:`GatedHandler`; a handshake that fails or times out closes the socket.
+    """
+
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        handler: Callable[[], GatedHandler],
+        context: ssl.SSLContext,
+        timeout: float,
+        upgrades: set[asyncio.Task[None]],
+    ) -> None:
+        self.gate = gate
+        self.handler = handler
+        self.context = context
+        self.timeout = timeout
+        self.upgrades = upgrades
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if not self.gate.begin_handshake(transport):
+            transport.abort()
+            return
+        task = asyncio.ensure_future(self._upgrade(transport))
+        self.upgrades.add(task)
+        task.add_done_callback(self.upgrades.discard)
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        handler = self.handler()
+        loop = asyncio.get_running_loop()
+        try:
+            if transport.is_closing():
+                return
+            encrypted = await loop.start_tls(
+                transport, handler, self.context, server_side=True, ssl_handshake_timeout=self.timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, RuntimeError, asyncio.CancelledError) as exc:
+            transport.abort()
+            if not isinstance(exc, asyncio.CancelledError):
+                log.debug("a TLS handshake failed: %s", exc)
+            return
+        finally:
+            self.gate.end_handshake(transport)
+        if encrypted is None:
+            transport.abort()
+            return
+        handler.connection_made(encrypted)
