@@ -71,8 +71,8 @@ async def _logged(proc: Proc, text: str) -> bool:
 
 
 async def test_joiners_started_before_their_seed_wait_for_it(cluster: Cluster) -> None:
-    """The README's three nodes started at once with ``&``, in the worst order: both joiners before the
-    seed, one of them through the other."""
+    """The three nodes of docs/security.md's secured cluster, started at once with ``&``, in the worst
+    order: both joiners before the seed, one of them through the other."""
     seed_port = free_port()
     seed_address = f"127.0.0.1:{seed_port}"
     second = cluster.start(join=seed_address)
