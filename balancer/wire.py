@@ -38,6 +38,7 @@ __all__ = [
     "JoinAnswer",
     "Leaving",
     "Limits",
+    "Message",
     "Notify",
     "Ping",
     "ReadMany",
@@ -115,36 +116,54 @@ class WireRecord(Struct, frozen=True, forbid_unknown_fields=True):
 # -- requests and answers, by method ------------------------------------------------------------------
 
 
-class Empty(Struct, frozen=True):
+class Message(Struct, frozen=True):
+    """A request or an answer. Nodes, versions and records inside it are range-checked wherever they
+    are; a message with ids or keys that are bare integers or bytes names them in :meth:`bare`."""
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """What its bare ids are ("the id", for error messages), those ids, and its bare keys: the ones
+        that are not parts of nodes, versions or records."""
+        return "an id", (), ()
+
+
+class Empty(Message, frozen=True):
     """A request or answer with no fields (``chord.state``, ``chord.notify``'s answer, ...)."""
 
 
-class Ping(Struct, frozen=True):
+class Ping(Message, frozen=True):
     """``chord.ping``'s answer: the id of the node that answered."""
 
     id: _Id
 
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The id of the node that answered."""
+        return "the id", (self.id,), ()
 
-class State(Struct, frozen=True):
+
+class State(Message, frozen=True):
     """``chord.state``'s answer: the node's predecessor and successor list."""
 
     successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS)]
     predecessor: WireNode | None = None
 
 
-class Notify(Struct, frozen=True):
+class Notify(Message, frozen=True):
     """``chord.notify``: ``node`` thinks it might be the receiver's predecessor."""
 
     node: WireNode
 
 
-class FindStep(Struct, frozen=True):
+class FindStep(Message, frozen=True):
     """``chord.find_step``: one hop of an iterative lookup of ``id``."""
 
     id: _Id
 
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The id looked up."""
+        return "the id", (self.id,), ()
 
-class FindStepAnswer(Struct, frozen=True):
+
+class FindStepAnswer(Message, frozen=True):
     """``chord.find_step``'s answer: the owner and its successors (``done``), or closer nodes to ask."""
 
     done: bool
@@ -152,21 +171,21 @@ class FindStepAnswer(Struct, frozen=True):
     closer: _Nodes = []
 
 
-class Join(Struct, frozen=True):
+class Join(Message, frozen=True):
     """``chord.join``: ``node`` asks where it belongs; ``settings`` must equal the ring's."""
 
     node: WireNode
     settings: Annotated[dict[str, int], Meta(max_length=32)]
 
 
-class JoinAnswer(Struct, frozen=True):
+class JoinAnswer(Message, frozen=True):
     """``chord.join``'s answer: the joiner's successor, then the nodes after it."""
 
     successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS + 1)]
     hops: Annotated[int, Meta(ge=0, le=1 << 16)] = 0
 
 
-class Leaving(Struct, frozen=True):
+class Leaving(Message, frozen=True):
     """``chord.leaving``: ``node`` leaves gracefully, naming its predecessor and successors."""
 
     node: WireNode
@@ -174,31 +193,35 @@ class Leaving(Struct, frozen=True):
     predecessor: WireNode | None = None
 
 
-class ReadMany(Struct, frozen=True):
+class ReadMany(Message, frozen=True):
     """``kv.read_many``: the records held for these keys."""
 
     keys: Annotated[list[bytes], Meta(max_length=MAX_BATCH)]
 
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The keys asked for."""
+        return "an id", (), self.keys
 
-class ReadManyAnswer(Struct, frozen=True):
+
+class ReadManyAnswer(Message, frozen=True):
     """``kv.read_many``'s answer: one record (or ``null``) per key, in order."""
 
     records: Annotated[list[WireRecord | None], Meta(max_length=MAX_BATCH)]
 
 
-class Store(Struct, frozen=True):
+class Store(Message, frozen=True):
     """``kv.store``: keep each record unless a greater version is held."""
 
     records: Annotated[list[WireRecord], Meta(max_length=MAX_BATCH)]
 
 
-class StoreAnswer(Struct, frozen=True):
+class StoreAnswer(Message, frozen=True):
     """``kv.store``'s answer: per record, whether it was kept and the greater version that beat it."""
 
     each: Annotated[list[tuple[bool, WireVersion | None]], Meta(max_length=MAX_BATCH)]
 
 
-class Digests(Struct, frozen=True):
+class Digests(Message, frozen=True):
     """``kv.digests``: per bucket of shared records, ``[count, hex digest]``."""
 
     node: WireNode
@@ -208,25 +231,33 @@ class Digests(Struct, frozen=True):
     ]
 
 
-class DigestsAnswer(Struct, frozen=True):
+class DigestsAnswer(Message, frozen=True):
     """``kv.digests``'s answer: the buckets whose digests differ."""
 
     differ: Annotated[list[_Bucket], Meta(max_length=64)]
 
 
-class Compare(Struct, frozen=True):
+class Compare(Message, frozen=True):
     """``kv.compare``: the keys and versions the caller holds in one bucket."""
 
     node: WireNode
     bucket: _Bucket
     entries: Annotated[list[tuple[bytes, _U63, _Id]], Meta(max_length=1 << 20)]
 
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The writers and the keys of the entries."""
+        return "a writer id", (w for _, _, w in self.entries), (k for k, _, _ in self.entries)
 
-class CompareAnswer(Struct, frozen=True):
+
+class CompareAnswer(Message, frozen=True):
     """``kv.compare``'s answer: keys the receiver wants, and its newer records."""
 
     want: Annotated[list[bytes], Meta(max_length=1 << 20)]
     records: Annotated[list[WireRecord], Meta(max_length=1 << 20)]
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The keys wanted."""
+        return "an id", (), self.want
 
 
 # -- decoding -----------------------------------------------------------------------------------------
@@ -280,20 +311,12 @@ def decode(schema: type[T], payload: Any, limits: Limits) -> T:
         raise BadRequestError(f"malformed {schema.__name__}: {exc}") from None
     size = 1 << limits.bits
     _check(message, limits, size)
-    # ids that are bare integers rather than nodes or versions
-    if isinstance(message, FindStep | Ping) and message.id >= size:
-        raise BadRequestError(f"id {message.id} is outside the {limits.bits}-bit ring")
-    if isinstance(message, Compare) and any(writer >= size for _, _, writer in message.entries):
-        raise BadRequestError(f"a writer id is outside the {limits.bits}-bit ring")
-    keys: list[bytes] = []  # keys that are bare bytes rather than parts of records
-    if isinstance(message, ReadMany):
-        keys = message.keys
-    elif isinstance(message, Compare):
-        keys = [key for key, _, _ in message.entries]
-    elif isinstance(message, CompareAnswer):
-        keys = message.want
-    if any(not 0 < len(key) <= limits.max_key_bytes for key in keys):
-        raise BadRequestError(f"a key must be 1 to {limits.max_key_bytes} bytes")
+    if isinstance(message, Message):
+        what, ids, keys = message.bare()
+        if any(ident >= size for ident in ids):
+            raise BadRequestError(f"{what} is outside the {limits.bits}-bit ring")
+        if any(not 0 < len(key) <= limits.max_key_bytes for key in keys):
+            raise BadRequestError(f"a key must be 1 to {limits.max_key_bytes} bytes")
     return message
 
 
