@@ -732,9 +732,10 @@ class KVService:
 
     async def _rpc_store(self, message: wire.Store) -> Payload:
         records = [r.record() for r in message.records]
+        limit = self.clock.limit()  # the same bound as everywhere records are taken in
         for record in records:  # checked before any is stored: a refused request changes nothing
-            ahead = self.clock.ahead(record.version.timestamp)
-            if ahead > self.config.max_clock_skew:
+            if record.version.timestamp > limit:
+                ahead = self.clock.ahead(record.version.timestamp)
                 raise ClockSkewError(
                     f"a record is stamped {ahead:.0f} s ahead of this node's clock "
                     f"(the limit is {self.config.max_clock_skew:g} s)"
