@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from balancer.hookspecs import hookimpl
     from balancer.middleware import BalancedSession, setup_routing
     from balancer.node import Node
-    from balancer.types import Lookup, NodeInfo, Record, RingView, Version
+    from balancer.types import Lookup, Member, NodeInfo, Record, RingView, Version
 
 __all__ = [
     "DEFAULT_LOAD_FACTOR",
@@ -34,6 +34,7 @@ __all__ = [
     "KeySpace",
     "Lease",
     "Lookup",
+    "Member",
     "Move",
     "Node",
     "NodeInfo",
@@ -56,6 +57,7 @@ _LAZY = {
     "hookimpl": "balancer.hookspecs",
     "setup_routing": "balancer.middleware",
     "Lookup": "balancer.types",
+    "Member": "balancer.types",
     "NodeInfo": "balancer.types",
     "Record": "balancer.types",
     "RingView": "balancer.types",

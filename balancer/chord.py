@@ -375,10 +375,10 @@ class Chord:
                 break
         fresh = fresh or [self.info]
         self.wraps = wraps
+        old, self.successors = self.successors, fresh
         for node in fresh:
-            if node not in self.successors:
+            if node not in old:
                 self._on_event("joined", node)
-        self.successors = fresh
 
     def _set_predecessor(self, node: NodeInfo | None) -> None:
         old = self.predecessor

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 import pluggy
 
 from balancer.keyspace import KeySpace
-from balancer.types import NodeInfo, Record
+from balancer.types import Member, NodeInfo, Record
 
 if TYPE_CHECKING:
     import click
@@ -253,6 +253,15 @@ def balancer_node_failed(node: NodeInfo, peer: NodeInfo) -> None:
 @hookspec
 def balancer_range_moved(node: NodeInfo, target: NodeInfo, records: int) -> None:
     """``node`` handed ``records`` records to ``target``, which now holds them (confirmed)."""
+
+
+@hookspec
+def balancer_membership_changed(node: NodeInfo, members: tuple[Member, ...]) -> None:
+    """``node``'s view of the ring's processes changed: one joined, left, failed, came back, or changed
+    state. ``members`` is the whole new view (every process, this one included), sorted by address.
+
+    Called on the node's event loop; keep it cheap (the routing middleware rebuilds its table here).
+    """
 
 
 @hookspec

@@ -43,7 +43,7 @@ from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Tran
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
-from balancer.types import Lookup, NodeInfo, Record, RingView, format_id
+from balancer.types import Lookup, Member, NodeInfo, Record, RingView, format_id
 
 __all__ = ["Node"]
 
@@ -95,6 +95,7 @@ class Node(PublicApi):
         self.detector = FailureDetector(self.config.rpc_timeout, self.config.phi_threshold)
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
+        self._members: tuple[Member, ...] = ()
         self.started = False
         self.stopped = False
 
@@ -144,6 +145,7 @@ class Node(PublicApi):
             await self.close()
             raise
         self._handlers["chord.join"] = chord.handlers()["chord.join"]
+        self._refresh_members()
         self._tasks = [
             asyncio.create_task(self._every(self.config.stabilize_interval, chord.stabilize)),
             asyncio.create_task(self._every(self.config.fix_fingers_interval, chord.fix_fingers)),
@@ -322,6 +324,37 @@ class Node(PublicApi):
         with self._observed("delete"):
             await self.kv.delete(key)
 
+    def members(self) -> tuple[Member, ...]:
+        """The processes of the ring as this node knows them now, sorted by address (itself included).
+
+        The ``balancer_membership_changed`` event reports every change of this view, so applications
+        can follow it without polling.
+        """
+        return self._members
+
+    def _refresh_members(self) -> None:
+        """Recompute :meth:`members` from the routing state; emit the event if it changed."""
+        if self._chord is None:
+            return
+        chord = self._chord
+        known = [chord.info, *chord.successors, *(f for f in chord.fingers if f is not None)]
+        if chord.predecessor is not None:
+            known.append(chord.predecessor)
+        ids: dict[str, set[int]] = {}
+        for node in known:
+            ids.setdefault(node.address, set()).add(node.id)
+        members = tuple(
+            Member(
+                address,
+                tuple(sorted(ids[address])),
+                state="suspect" if self.detector.suspect(address) else "up",
+            )
+            for address in sorted(ids)
+        )
+        if members != self._members:
+            self._members = members
+            self._emit("membership_changed", node=chord.info, members=members)
+
     def routes(self) -> list[Route]:
         """The HTTP endpoints plugins added to this node."""
         return list(self._routes)
@@ -373,12 +406,14 @@ class Node(PublicApi):
 
     def _on_ring_event(self, event: str, peer: NodeInfo) -> None:
         self._membership_changed.set()
+        self._refresh_members()
         if event != "joined" and self._kv is not None:
             self._kv.forget_peer(peer.address)
         self._emit(f"node_{event}", node=self.chord.info, peer=peer)
 
     def _on_predecessor_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
         self._membership_changed.set()
+        self._refresh_members()
 
     async def _every(self, period: float, step: Callable[[], Awaitable[Any]]) -> None:
         jitter = self.config.jitter

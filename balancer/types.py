@@ -7,7 +7,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Lookup", "NodeInfo", "Record", "RingView", "Version", "format_id"]
+__all__ = ["Lookup", "Member", "NodeInfo", "Record", "RingView", "Version", "format_id"]
 
 
 def format_id(ident: int, bits: int = 64) -> str:
@@ -119,3 +119,26 @@ class RingView:
     predecessor: NodeInfo | None
     successors: tuple[NodeInfo, ...]
     fingers: tuple[NodeInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One process of the ring as a node sees it: its address, its virtual nodes and how it is doing.
+
+    ``state`` is ``"up"`` (answers), ``"suspect"`` (missed calls but is not declared failed),
+    ``"down"`` (declared failed; listed until it answers again) or ``"leaving"`` (handing its keys off).
+    ``share`` is the fraction of the key space its virtual nodes own (0 to 1) and ``records`` the records
+    it stores; either is ``None`` when this view does not know it.
+    """
+
+    address: str
+    ids: tuple[int, ...] = ()
+    weight: float = 1.0
+    state: str = "up"
+    records: int | None = None
+    share: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether requests may be sent to it (up or only suspected)."""
+        return self.state in ("up", "suspect")

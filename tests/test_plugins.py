@@ -30,7 +30,7 @@ from balancer.plugin import Registry, plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 from balancer.plugins.memory_storage import MemoryStorage
 from balancer.plugins.replication import MultiRing, SuccessorList
-from balancer.types import NodeInfo
+from balancer.types import Member, NodeInfo
 
 
 def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> None:
@@ -141,6 +141,16 @@ class Recorder:
     def balancer_range_moved(self, node: NodeInfo, target: NodeInfo, records: int) -> None:
         self.events.append(("moved", node, (target, records)))
 
+    @hookimpl
+    def balancer_membership_changed(self, node: NodeInfo, members: tuple[Member, ...]) -> None:
+        self.events.append(("members", node, members))
+
+    def members(self, node: NodeInfo) -> tuple[Member, ...]:
+        """The last membership view ``node`` reported."""
+        views = [e[2] for e in self.of("members") if e[1] == node]
+        assert views, f"{node} reported no membership"
+        return views[-1]  # type: ignore[return-value]
+
     def of(self, kind: str) -> list[tuple[str, NodeInfo, object]]:
         return [e for e in self.events if e[0] == kind]
 
@@ -160,6 +170,9 @@ async def test_ring_events_reach_plugins(network: LocalNetwork) -> None:
             await converge(nodes)
         joined = recorder.of("joined")
         assert {peer for _, _, peer in joined} == {n.info for n in nodes}
+        everyone = sorted(n.address for n in nodes)
+        assert [m.address for m in recorder.members(nodes[0].info)] == everyone
+        assert recorder.members(nodes[0].info) == nodes[0].members()
         for i in range(50):
             await nodes[0].put(f"k{i}", b"v")
         leaver, victim = nodes[1], nodes[2]
