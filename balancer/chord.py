@@ -9,6 +9,11 @@ original paper's:
 - a successor that fails is replaced from the successor list (length r), never left dangling, so the
   ring survives r - 1 adjacent failures.
 
+With virtual nodes (:mod:`balancer.ring`), one process holds several ids, each a ``Chord`` of its own. A
+successor list then names r distinct *processes*: the immediate successor first, then each next id whose
+process is not named yet. Its first N entries are a key's replica set (N distinct processes), and the ring
+survives r - 1 processes failing at once, however their ids are interleaved.
+
 Lookups are iterative: the caller asks one node at a time for the closest node it knows that precedes the
 id, so a dead hop costs one timeout and the next-closest candidate is tried. Every lookup reports its hop
 count (the number of remote steps it took).
@@ -29,6 +34,7 @@ from msgspec import Struct
 from balancer import wire
 from balancer.errors import (
     BalancerError,
+    GoneError,
     IncompatibleConfigError,
     PeerUnreachableError,
     RingError,
@@ -38,7 +44,7 @@ from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
 from balancer.types import Lookup, NodeInfo, RingView, format_id
 
-__all__ = ["Call", "Chord"]
+__all__ = ["Call", "Chord", "distinct"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,19 @@ Answer = TypeVar("Answer", bound=Struct)
 
 def _nodes(value: Iterable[wire.WireNode]) -> list[NodeInfo]:
     return [n.value() for n in value]
+
+
+def distinct(nodes: Iterable[NodeInfo], limit: int) -> list[NodeInfo]:
+    """``nodes`` in order without those whose process (address) appeared already, at most ``limit``."""
+    seen: set[str] = set()
+    kept: list[NodeInfo] = []
+    for node in nodes:
+        if node.address not in seen:
+            seen.add(node.address)
+            kept.append(node)
+            if len(kept) == limit:
+                break
+    return kept
 
 
 class Chord:
@@ -70,21 +89,26 @@ class Chord:
         space: KeySpace | None = None,
         successors: int = 8,
         timeout: float = 1.0,
-        settings: dict[str, int] | None = None,
+        settings: dict[str, int | str] | None = None,
         successor_shortcut: bool = True,
         on_event: Callable[[str, NodeInfo], None] | None = None,
         detector: FailureDetector | None = None,
+        finder: Callable[[int], Awaitable[Lookup]] | None = None,
+        on_failed: Callable[[NodeInfo], None] | None = None,
     ) -> None:
         self.info = info
         self.space = space or KeySpace()
         self.r = successors
         self.timeout = timeout
-        self.settings = settings or {"bits": self.space.bits}
+        self.settings: dict[str, int | str] = settings or {"bits": self.space.bits}
         self.successor_shortcut = successor_shortcut
         self.predecessor: NodeInfo | None = None
         self.successors: list[NodeInfo] = [info]
         self.wraps = True
-        """Whether the successor list came back around to this node: then it names the whole ring."""
+        """Whether the successor list came back around to this node: then it names every process."""
+        self.contiguous = True
+        """Whether the successor list skipped no id (every process met had one id so far): with
+        ``wraps``, it is then the whole ring in order, and this node answers every lookup itself."""
         self.fingers: list[NodeInfo | None] = [None] * self.space.bits
         self.left = False
         self.detector = detector
@@ -92,6 +116,10 @@ class Chord:
         self._call = call
         self._limits = wire.Limits(bits=self.space.bits)
         self._on_event = on_event or (lambda event, peer: None)
+        self._find = finder or self.find_successor
+        """How :meth:`fix_fingers` looks ids up: a process with virtual nodes looks up for all of them."""
+        self._on_failed = on_failed or self.forget
+        """Told of a peer declared failed: a process forgets all of that peer's ids, in every vnode."""
         self._on_predecessor: list[Callable[[NodeInfo | None, NodeInfo | None], None]] = []
 
     # -- the view ---------------------------------------------------------------------------------
@@ -123,6 +151,7 @@ class Chord:
         self.predecessor = None
         self.successors = [self.info]
         self.wraps = True
+        self.contiguous = True
         self.fingers = [None] * self.space.bits
         self.left = False
 
@@ -168,8 +197,8 @@ class Chord:
         }
         for peer in dict.fromkeys(p for p in (succ, pred) if p is not None and p != self.info):
             try:
-                await self._call(peer.address, "chord.leaving", message, self.timeout)
-            except PeerUnreachableError:
+                await self._call(peer.address, "chord.leaving", {**message, "to": peer.id}, self.timeout)
+            except (PeerUnreachableError, GoneError):
                 log.info("%s: %s did not hear that we leave", self.info, peer)
 
     # -- maintenance ------------------------------------------------------------------------------
@@ -186,14 +215,16 @@ class Chord:
                 state = wire.decode(wire.State, self._state(), self._limits)
                 break
             try:
-                state = await self._ask(succ.address, "chord.state", {}, wire.State)
+                state = await self._ask(succ.address, "chord.state", {}, wire.State, to=succ.id)
                 break
+            except GoneError:
+                continue  # that id is gone (forgotten by _ask): ask the next successor
             except PeerUnreachableError as exc:
                 if not self.unreachable(succ, exc):
                     return  # only suspect: keep it, and ask again next round
         else:
             return
-        tail = _nodes(state.successors)
+        tail, contiguous = _nodes(state.successors), state.contiguous
         # Adopt the successor's predecessor only if it answers (Zave), never a dead or departed node.
         # Walking back up to r steps at once lets a node that lost its whole successor list, and fell
         # back to a far finger, find its true successor in one round instead of one node per round.
@@ -206,11 +237,11 @@ class Chord:
             ):
                 break
             try:
-                state = await self._ask(candidate.address, "chord.state", {}, wire.State)
-            except PeerUnreachableError:
+                state = await self._ask(candidate.address, "chord.state", {}, wire.State, to=candidate.id)
+            except (PeerUnreachableError, GoneError):
                 break
-            succ, tail = candidate, _nodes(state.successors)
-        self._set_successors(succ, tail)
+            succ, tail, contiguous = candidate, _nodes(state.successors), state.contiguous
+        self._set_successors(succ, tail, contiguous)
         if self.successor != self.info:
             await self._notify(self.successor)
 
@@ -220,7 +251,9 @@ class Chord:
         if pred is None or pred == self.info or self.left:
             return
         try:
-            await self._ask(pred.address, "chord.ping", {}, wire.Ping)
+            await self._ask(pred.address, "chord.ping", {}, wire.Ping, to=pred.id)
+        except GoneError:
+            pass  # forgotten by _ask
         except PeerUnreachableError as exc:
             self.unreachable(pred, exc)
 
@@ -241,7 +274,7 @@ class Chord:
                 self.fingers[i] = previous
                 continue
             try:
-                previous = (await self.find_successor(start)).owner
+                previous = (await self._find(start)).owner
             except RingError:
                 break
             lookups += 1
@@ -260,7 +293,20 @@ class Chord:
         done = self._answer(ident) or self._answer_locally(ident)
         if done is not None:
             return Lookup(done[0], 0, tuple(done))
-        candidates = self._closest_preceding(ident)
+        return await self.route(ident, self._closest_preceding(ident))
+
+    async def route(
+        self,
+        ident: int,
+        candidates: list[NodeInfo],
+        on_done: Callable[[int | None, list[NodeInfo]], None] | None = None,
+    ) -> Lookup:
+        """The iterative part of a lookup of ``ident``: ask ``candidates`` (closest to ``ident`` first)
+        and the closer nodes they name, one process at a time, until one knows the owner.
+
+        ``on_done(after, successors)`` hears the final answer: every id in ``(after, owner]`` has that
+        owner (``after`` is None when the answer did not say).
+        """
         size = self.space.size
         tried: set[str] = set()
         dead: set[str] = set()
@@ -278,6 +324,9 @@ class Chord:
                     answer = await self._ask(
                         node.address, "chord.find_step", {"id": ident}, wire.FindStepAnswer
                     )
+                except GoneError:
+                    self.forget(node, "left")
+                    dead.add(node.address)
                 except PeerUnreachableError as exc:
                     self.unreachable(node, exc)
                     dead.add(node.address)
@@ -293,9 +342,14 @@ class Chord:
             hops += 1
             successors = _nodes(answer.successors)
             if answer.done and successors:
+                if on_done is not None:
+                    on_done(answer.after, successors)
                 return Lookup(successors[0], hops, tuple(successors))
-            if (ident - node.id) % size < (ident - last.id) % size:  # only ever move toward the key
-                last, last_successors = node, successors
+            # the answer's successors are those of its vnode ``after`` (the process's closest one to the
+            # key), which may be another vnode of the process asked than ``node``
+            anchor = node if answer.after is None else NodeInfo(answer.after, node.address)
+            if (ident - anchor.id) % size < (ident - last.id) % size:  # only ever move toward the key
+                last, last_successors = anchor, successors
             candidates = self.prefer_healthy(_nodes(answer.closer)) + candidates
         raise RingError(
             f"no route to the owner of {format_id(ident, self.space.bits)} from {self.info.address}"
@@ -308,23 +362,31 @@ class Chord:
         then the last of the nodes after the owner.
         """
         if in_interval(ident, self.info.id, self.successor.id, self.space.size, right_closed=True):
-            if self.wraps and self.info not in self.successors:
+            me = self.info.address
+            if self.wraps and all(s.address != me for s in self.successors):
                 return [*self.successors, self.info]
             return list(self.successors)
         return None
 
+    def walk(self) -> list[NodeInfo]:
+        """This node, then the processes after it: its replica walk. When the successor list wraps, the
+        walk ends with the predecessor's process (the last one before this node), if no entry named it:
+        a newcomer notifies its successor before the successor's list has caught up with it."""
+        tail = [self.predecessor] if self.wraps and self.predecessor is not None else []
+        return distinct([self.info, *self.successors, *tail], self.r + 1)
+
     def _answer_locally(self, ident: int) -> list[NodeInfo] | None:
-        """The owner of ``ident`` and the nodes after it, from this node's own state, when it knows them:
-        ``ident`` is its own (between its predecessor and itself), or the ring is small enough that the
-        successor list wraps around to this node, so the whole ring is known in order.
+        """The owner of ``ident`` and the processes after it, from this node's own state, when it knows
+        them: ``ident`` is its own (between its predecessor and itself), or the successor list is the
+        whole ring in order (it wraps around to this node and skipped no id), so every owner is known.
         """
         size = self.space.size
         if self.predecessor is not None and in_interval(
             ident, self.predecessor.id, self.info.id, size, right_closed=True
         ):
-            return [self.info, *self.successors]
-        if not self.wraps or self.successor == self.info:
-            return None  # nodes past the end of the list are unknown here
+            return self.walk()
+        if not (self.wraps and self.contiguous) or self.successor == self.info:
+            return None
         ring = [self.info, *self.successors]
         for i, node in enumerate(ring):
             if in_interval(ident, ring[i - 1].id, node.id, size, right_closed=True):
@@ -359,22 +421,40 @@ class Chord:
         return {
             "predecessor": self.predecessor.to_wire() if self.predecessor else None,
             "successors": [s.to_wire() for s in self.successors],
+            "contiguous": self.contiguous,
         }
 
-    def _set_successors(self, first: NodeInfo, tail: Iterable[NodeInfo]) -> None:
-        """Successor list = ``first`` then ``tail``, cut at this node itself, without repeats, r long."""
+    def _set_successors(
+        self, first: NodeInfo, tail: Iterable[NodeInfo], tail_contiguous: bool = False
+    ) -> None:
+        """Successor list = ``first``, then the nodes of ``tail`` (``first``'s own list) whose process is
+        not named yet: r distinct processes at most, cut at this node itself.
+
+        The walk stops where it comes back around to this node's position, even when this node itself
+        is not in ``tail`` (its process was named already): an entry past that point is one that left.
+        The list *wraps* (names every process of the ring) when it came back around or holds fewer
+        than r processes: a walk stops short of r only there. It is *contiguous* (skipped no id) if
+        ``first``'s was (``tail_contiguous``) and no id was skipped here.
+        """
         fresh: list[NodeInfo] = []
-        wraps = False
+        seen: set[str] = set()
+        back, contiguous = False, tail_contiguous
+        size, me, gone = self.space.size, self.info.id, 0
         for node in (first, *tail):
-            if node == self.info:
-                wraps = True  # the list came back around: the ring has no other members
+            ahead = (node.id - me) % size
+            if ahead <= gone:  # back at (or past) this node: the walk went all the way around
+                back = True  # (what follows would be behind this node: stale entries nobody cut)
                 break
-            if node not in fresh:
-                fresh.append(node)
+            gone = ahead
+            if node.address in seen:
+                contiguous = False
+                continue  # another id of a process already named
+            seen.add(node.address)
+            fresh.append(node)
             if len(fresh) == self.r:
                 break
         fresh = fresh or [self.info]
-        self.wraps = wraps
+        self.wraps, self.contiguous = back or len(fresh) < self.r, contiguous
         old, self.successors = self.successors, fresh
         for node in fresh:
             if node not in old:
@@ -400,6 +480,7 @@ class Chord:
             # A list that named the whole ring still does without the member that failed or left, so
             # ``wraps`` stays: clearing it would make this node leave itself out of its own answers.
             self.successors = [s for s in self.successors if s != node]
+            self.contiguous = False  # no longer the whole ring in order, if it was
             if not self.successors:  # every successor is gone: the nearest live finger, else ourselves
                 self.successors = [self.info]
                 ahead = self._preceding((self.info.id - 1) % self.space.size)  # the nearest one last
@@ -411,9 +492,19 @@ class Chord:
         if known:
             self._on_event(event, node)
 
+    def forget_process(self, address: str, event: str = "failed") -> None:
+        """Drop every pointer to any id of the process at ``address`` (its ids fail together)."""
+        known = {n for n in (*self.successors, self.predecessor, *self.fingers) if n is not None}
+        for node in sorted(n for n in known if n.address == address):
+            self.forget(node, event)
+
     async def _notify(self, succ: NodeInfo) -> None:
         try:
-            await self._ask(succ.address, "chord.notify", {"node": self.info.to_wire()}, wire.Empty)
+            await self._ask(
+                succ.address, "chord.notify", {"node": self.info.to_wire()}, wire.Empty, to=succ.id
+            )
+        except GoneError:
+            pass  # forgotten by _ask
         except PeerUnreachableError as exc:
             self.unreachable(succ, exc)
 
@@ -424,9 +515,21 @@ class Chord:
         payload: Payload,
         answer: type[Answer],
         timeout: float | None = None,
+        *,
+        to: int | None = None,
     ) -> Answer:
-        """Call ``method`` at ``address`` and decode its answer as ``answer``."""
-        result = await self._call(address, method, payload, timeout or self.timeout)
+        """Call ``method`` at ``address`` (for its vnode ``to``) and decode its answer as ``answer``.
+
+        A vnode that is gone from there (:class:`GoneError`) is forgotten before the error is raised.
+        """
+        if to is not None:
+            payload = {**payload, "to": to}
+        try:
+            result = await self._call(address, method, payload, timeout or self.timeout)
+        except GoneError:
+            if to is not None:
+                self.forget(NodeInfo(to, address), "left")
+            raise
         return wire.decode(answer, result, self._limits)
 
     def unreachable(self, node: NodeInfo, exc: PeerUnreachableError) -> bool:
@@ -435,7 +538,7 @@ class Chord:
         if self.detector is not None and not self.detector.failed(node.address):
             log.debug("%s: %s is suspected: %s", self.info, node, exc)
             return False
-        self.forget(node)
+        self._on_failed(node)
         return True
 
     # -- RPC handlers -----------------------------------------------------------------------------
@@ -444,8 +547,8 @@ class Chord:
         """The RPC methods this node serves, by name."""
         limits = self._limits
         return {
-            "chord.ping": wire.serve(wire.Empty, self._rpc_ping, limits),
-            "chord.state": wire.serve(wire.Empty, self._rpc_state, limits),
+            "chord.ping": wire.serve(wire.Targeted, self._rpc_ping, limits),
+            "chord.state": wire.serve(wire.Targeted, self._rpc_state, limits),
             "chord.notify": wire.serve(wire.Notify, self._rpc_notify, limits),
             "chord.find_step": wire.serve(wire.FindStep, self._rpc_find_step, limits),
             "chord.join": wire.serve(wire.Join, self._rpc_join, limits),
@@ -454,13 +557,13 @@ class Chord:
 
     def _check_serving(self) -> None:
         if self.left:
-            raise RingError(f"{self.info.address} has left the ring")
+            raise GoneError(f"{self.info} has left the ring")
 
-    async def _rpc_ping(self, message: wire.Empty) -> Payload:
+    async def _rpc_ping(self, message: wire.Targeted) -> Payload:
         self._check_serving()
         return {"id": self.info.id}
 
-    async def _rpc_state(self, message: wire.Empty) -> Payload:
+    async def _rpc_state(self, message: wire.Targeted) -> Payload:
         self._check_serving()
         return self._state()
 
@@ -474,8 +577,7 @@ class Chord:
             self._set_predecessor(node)
             self._on_event("joined", node)
             if self.successor == self.info:  # alone until now: the newcomer is also our successor
-                self._set_successors(node, [])
-                self.wraps = True  # and the ring is the two of us
+                self._set_successors(node, [], tail_contiguous=True)  # the ring is the two of us
         return {}
 
     async def _rpc_find_step(self, message: wire.FindStep) -> Payload:
@@ -483,12 +585,13 @@ class Chord:
         ident = message.id
         done = self._answer(ident)
         if done is not None:
-            return {"done": True, "successors": [s.to_wire() for s in done]}
+            return {"done": True, "successors": [s.to_wire() for s in done], "after": self.info.id}
         closer = self._closest_preceding(ident)
         return {
             "done": False,
             "closer": [n.to_wire() for n in closer],
             "successors": [s.to_wire() for s in self.successors],
+            "after": self.info.id,
         }
 
     async def _rpc_join(self, message: wire.Join) -> Payload:
@@ -509,7 +612,7 @@ class Chord:
         was_predecessor = node == self.predecessor
         self.forget(node, "left")
         if was_successor and handover:
-            self._set_successors(handover[0], handover[1:])
+            self._set_successors(handover[0], handover[1:], self.contiguous)
         if was_predecessor and new_pred is not None and new_pred != self.info:
             self._set_predecessor(new_pred)
         return {}

@@ -120,6 +120,20 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="R: replicas a read asks; R + W > N gives read-your-writes.",
         ),
         click.option(
+            "--vnodes",
+            type=click.IntRange(1, 256),
+            default=32,
+            show_default=True,
+            help="Virtual nodes: ring ids this process holds at weight 1 (more spread a failure wider).",
+        ),
+        click.option(
+            "--weight",
+            type=click.FloatRange(0, 64, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Relative size of this machine: round(vnodes * weight) ids and that share of the keys.",
+        ),
+        click.option(
             "--replication",
             type=click.Choice(["successor", "multi-ring"]),
             default="successor",
@@ -226,6 +240,8 @@ def _config(**opts: Any) -> Config:
             write_quorum=opts["write_quorum"],
             read_quorum=opts["read_quorum"],
             replication=opts["replication"],
+            vnodes=opts["vnodes"],
+            weight=opts["weight"],
             anti_entropy_interval=opts["anti_entropy_interval"],
             tombstone_grace=opts["tombstone_grace"],
             cluster_secret=secret,
@@ -335,13 +351,13 @@ def repl(**opts: Any) -> None:
 
 
 async def _fetch_status(
-    address: str, timeout: float, token: str | None = None, ca: str | None = None
+    address: str, timeout: float, token: str | None = None, ca: str | None = None, path: str = "/status"
 ) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     scheme, context = ("https", ssl.create_default_context(cafile=ca)) if ca else ("http", None)
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-        session.get(f"{scheme}://{address}/status", headers=headers, ssl=context or True) as response,
+        session.get(f"{scheme}://{address}{path}", headers=headers, ssl=context or True) as response,
     ):
         body = await response.read()
         if response.status != 200:
@@ -358,6 +374,7 @@ async def _fetch_status(
 @click.argument("address", callback=_address)
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+@click.option("--ring", "whole_ring", is_flag=True, help="Every member of the ring, not this node's view.")
 @click.option(
     "--api-token",
     envvar="BALANCER_API_TOKEN",
@@ -371,19 +388,25 @@ def status(
     address: str,
     timeout: float,
     as_json: bool,
+    whole_ring: bool,
     api_token: str | None,
     api_token_file: TextIO | None,
     tls_ca: str | None,
 ) -> None:
-    """Print the view of the node at ADDRESS (HOST:PORT) as a table."""
-    from balancer.plugins.repl import format_status
+    """Print the view of the node at ADDRESS (HOST:PORT) as a table; with --ring, every member of its
+    ring (state, vnodes, weight, records, share of the keys), as the node surveys it now."""
+    from balancer.plugins.repl import format_members, format_status
 
     token = _secret("api_token", api_token, api_token_file)
+    path = "/ring" if whole_ring else "/status"
     try:
-        data = asyncio.run(_fetch_status(address, timeout, token, tls_ca))
+        data = asyncio.run(_fetch_status(address, timeout, token, tls_ca, path))
     except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot reach {address}: {exc or type(exc).__name__}") from exc
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if as_json else format_status(data))
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(format_members(data) if whole_ring else format_status(data))
 
 
 def _free_port(host: str) -> int:

@@ -10,7 +10,7 @@ from balancer.errors import ConfigError
 
 __all__ = ["PROTOCOL_VERSION", "Config"]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped whenever two nodes of different versions could not share a ring."""
 
 
@@ -59,6 +59,9 @@ class Config:
     """Seconds a tombstone is kept before it is collected; a replica away longer may resurrect a key."""
     anti_entropy_interval: float = 5.0
     """Mean period of the replica maintenance pass (hand-off, repair, digest comparison)."""
+    survey_interval: float = 30.0
+    """Mean period of a survey of the whole ring (one message per process) that keeps
+    :meth:`~balancer.node.Node.members` current; a change this node sees triggers one sooner."""
     cluster_secret: str | None = None
     """Shared secret: inter-node RPCs carry an HMAC of the method, destination, body, timestamp and nonce,
     checked on arrival."""
@@ -96,8 +99,13 @@ class Config:
     """Largest value accepted."""
     handoff_batch: int = 256
     """Records per hand-off message when keys move between nodes."""
+    vnodes: int = 32
+    """Virtual nodes: how many ring ids a process of weight 1 holds (``--vnodes``); see ``weight``."""
+    weight: float = 1.0
+    """Relative size of this process (``--weight``): it holds ``round(vnodes * weight)`` ids and, once
+    placed, a share of the keys proportional to its weight."""
     node_id: int | None = None
-    """Fix this node's id instead of hashing its address (tests and simulations)."""
+    """Fix this node's first id instead of placing it (tests and simulations); usually with ``vnodes=1``."""
     load_entrypoints: bool = True
     """Load third-party plugins from the ``balancer`` entry-point group."""
     seed: int | None = None
@@ -135,6 +143,7 @@ class Config:
         for name in (
             "tombstone_grace",
             "anti_entropy_interval",
+            "survey_interval",
             "max_clock_skew",
             "idle_timeout",
             "header_timeout",
@@ -150,6 +159,11 @@ class Config:
         require(
             math.isfinite(self.join_timeout) and self.join_timeout >= 0,
             f"join_timeout must be a non-negative number, got {self.join_timeout}",
+        )
+        require(1 <= self.vnodes <= 256, f"vnodes must be in [1, 256], got {self.vnodes}")
+        require(
+            math.isfinite(self.weight) and 0 < self.weight <= 64 and round(self.vnodes * self.weight) <= 4096,
+            f"weight must be in (0, 64] with at most 4096 ids in all, got {self.weight}",
         )
         require(self.max_key_bytes >= 1, "max_key_bytes must be positive")
         require(self.max_value_bytes >= 0, "max_value_bytes must be non-negative")
@@ -173,8 +187,11 @@ class Config:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         return replace(self, **changes)
 
-    def ring_settings(self) -> dict[str, int]:
+    def ring_settings(self) -> dict[str, int | str]:
         """The settings every member of one ring must share; a joiner with others is refused.
+
+        Replication (strategy, N, W, R) is among them: a quorum means the same on every member. The
+        number of virtual nodes and the weight are not: members may differ in size.
 
         ``secured`` is whether RPCs are signed (with the cluster secret, or a key derived from the API
         token): a node that signs never joins a ring that does not, nor the reverse.
@@ -182,7 +199,10 @@ class Config:
         return {
             "protocol": PROTOCOL_VERSION,
             "bits": self.bits,
+            "replication": self.replication,
             "replicas": self.replicas,
+            "write_quorum": self.write_quorum,
+            "read_quorum": self.read_quorum,
             "secured": int(bool(self.cluster_secret or self.api_token)),
         }
 

@@ -23,6 +23,7 @@ would reach for first, so ``except ValueError`` keeps working::
      │    └── StaleRequestError              signed before the receiver started           -> 401
      └── RingError                           join failed, node has left, no successor answers
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
+          ├── GoneError                      that virtual node is not (or no longer) there -> 410
           └── QuorumError                    fewer replicas answered than the quorum    -> 503
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "CapacityError",
     "ClockSkewError",
     "ConfigError",
+    "GoneError",
     "IncompatibleConfigError",
     "KeyNotFoundError",
     "NoNodesError",
@@ -173,6 +175,11 @@ class RingError(BalancerError):
 
 class IncompatibleConfigError(RingError):
     """A node tried to join a ring whose settings (id bits, protocol version) differ from its own."""
+
+
+class GoneError(RingError):
+    """The virtual node a ring RPC was meant for is not at that address: it left, or its process
+    restarted with other ids (HTTP 410). The caller forgets it; the process itself may still be up."""
 
 
 class QuorumError(RingError):

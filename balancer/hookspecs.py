@@ -88,6 +88,13 @@ class PublicApi(ABC):
     async def status(self) -> Payload:
         """The node's view of the ring and its key count, as JSON-safe data."""
 
+    async def ring_view(self) -> Payload:
+        """Every member of the ring with its state, vnodes, weight, records and share, and whether the
+        ring has settled, as JSON-safe data (``GET /ring``); a server without a ring has none (404)."""
+        from balancer.errors import UnknownMethodError
+
+        raise UnknownMethodError("this server is not a ring member")
+
 
 class Transport(ABC):
     """Carries RPCs between nodes and serves one node's handlers; an async context manager.
@@ -233,7 +240,8 @@ def balancer_repl_commands(cli: click.Group) -> None:
 
 @hookspec
 def balancer_node_joined(node: NodeInfo, peer: NodeInfo) -> None:
-    """``node`` saw ``peer`` become its predecessor or successor (a join, or the ring healing).
+    """``node`` saw ``peer``'s process become a neighbour of one of its vnodes (a join, or the ring
+    healing). Each of these events is reported once per process, not once per vnode.
 
     :param node: the observing node.
     :param peer: the new neighbour.

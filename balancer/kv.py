@@ -32,7 +32,7 @@ from hashlib import blake2b
 from typing import Any, Generic, TypeVar
 
 from balancer import wire
-from balancer.chord import Call, Chord
+from balancer.chord import Call, distinct
 from balancer.config import Config
 from balancer.errors import (
     BadRequestError,
@@ -46,6 +46,7 @@ from balancer.errors import (
 )
 from balancer.hookspecs import Handler, Payload, ReplicationStrategy, Storage
 from balancer.keyspace import in_interval
+from balancer.ring import Ring
 from balancer.types import NodeInfo, Record, Version
 
 __all__ = ["BUCKET_BITS", "HybridClock", "KVService", "Maintenance"]
@@ -202,37 +203,39 @@ class _Placement:
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
     """
 
-    def __init__(self, chord: Chord) -> None:
-        self.chord = chord
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
         self.known: list[tuple[int, int, tuple[NodeInfo, ...]]] = []
 
     async def successors(self, ident: int) -> tuple[NodeInfo, ...]:
-        size = self.chord.space.size
+        size = self.ring.space.size
         for start, end, nodes in self.known:
             if in_interval(ident, start, end, size, left_closed=True, right_closed=True):
                 return nodes
-        found = await self.chord.find_successor(ident)
+        found = await self.ring.find_successor(ident)
         nodes = found.successors or (found.owner,)
         self.known.append((ident, found.owner.id, nodes))
         return nodes
 
 
 class KVService:
-    """Key-value operations for one node, on top of its :class:`Chord` state and its storage.
+    """Key-value operations for one process, on top of its :class:`~balancer.ring.Ring` (the vnodes'
+    routing) and its storage. Replica sets are N distinct processes: a process counts once however many
+    of its vnodes a key's walk passes.
 
     ``emit(event, **kwargs)`` reports ring events (``range_moved``) to the plugins.
     """
 
     def __init__(
         self,
-        chord: Chord,
+        ring: Ring,
         storage: Storage,
         strategy: ReplicationStrategy,
         call: Call,
         config: Config,
         emit: Callable[..., None] | None = None,
     ) -> None:
-        self.chord = chord
+        self.ring = ring
         self.storage = storage
         self.strategy = strategy
         self.config = config
@@ -241,7 +244,7 @@ class KVService:
         """Set when the node starts leaving: it stores no more writes, so none can miss the hand-off."""
         self._storing = 0  # kv.store requests being applied right now
         self._stored = asyncio.Event()  # set whenever _storing drops to zero
-        self._limits = wire.Limits(chord.space.bits, config.max_key_bytes, config.max_value_bytes)
+        self._limits = wire.Limits(ring.space.bits, config.max_key_bytes, config.max_value_bytes)
         self._call = call
         self._emit = emit or (lambda event, **kwargs: None)
         self._background: set[asyncio.Future[Any]] = set()
@@ -295,22 +298,38 @@ class KVService:
         self, key: bytes, placement: _Placement | None = None
     ) -> tuple[list[NodeInfo], list[NodeInfo]]:
         """The key's replicas (N distinct nodes, fewer only on a smaller ring) and its fallbacks."""
-        placement = placement or _Placement(self.chord)
+        placement = placement or _Placement(self.ring)
         wanted = self.config.replicas
         replicas: list[NodeInfo] = []
+        taken: set[str] = set()  # processes chosen: one never counts twice
         after: tuple[NodeInfo, ...] = ()
-        for position in self.strategy.positions(key, wanted, self.chord.space):
+        for position in self.strategy.positions(key, wanted, self.ring.space):
             after = await placement.successors(position)
-            chosen = next((n for n in after if n not in replicas), None)
+            chosen = next((n for n in after if n.address not in taken), None)
             if chosen is not None:
                 replicas.append(chosen)
+                taken.add(chosen.address)
         for node in after:
             if len(replicas) >= wanted:
                 break
-            if node not in replicas:
+            if node.address not in taken:
                 replicas.append(node)
-        fallbacks = [n for n in after if n not in replicas]
+                taken.add(node.address)
+        fallbacks = [n for n in distinct(after, len(after)) if n.address not in taken]
         return replicas[:wanted], fallbacks
+
+    async def _enough(self, key: bytes, need: int) -> tuple[list[NodeInfo], list[NodeInfo]]:
+        """The key's replicas and fallbacks; if they are fewer processes than ``need``, this node's view
+        may be behind a join (its vnodes learn a newcomer by stabilizing): stabilize now, up to r rounds,
+        before the caller gives up on a quorum."""
+        replicas, fallbacks = await self.replica_set(key)
+        for _ in range(self.config.successors):
+            if len(replicas) + len(fallbacks) >= need:
+                break
+            with contextlib.suppress(BalancerError):
+                await self.ring.stabilize()
+            replicas, fallbacks = await self.replica_set(key)
+        return replicas, fallbacks
 
     async def read(self, key: bytes) -> Record | None:
         """The newest record R replicas hold for ``key`` (tombstones included), or ``None``.
@@ -318,14 +337,15 @@ class KVService:
         Replicas that answered with an older version, or none, are repaired in the background. Raises
         :class:`QuorumError` if fewer than R replicas answer.
         """
-        replicas, fallbacks = await self.replica_set(key)
-        me = self.chord.info
         need = self.config.read_quorum  # never fewer: a node that lost sight of its peers must not answer
+        replicas, fallbacks = await self._enough(key, need)
+        me = self.ring.address
         answers: dict[NodeInfo, Record | None] = {}
-        if me in replicas:  # the local copy costs no message: read it first, without a task
-            answers[me] = self._adoptable(await self.storage.get(key))
+        for node in replicas:
+            if node.address == me:  # the local copy costs no message: read it first, without a task
+                answers[node] = self._adoptable(await self.storage.get(key))
         # suspected replicas are asked last: a slow peer is waited for only when no other will do
-        queue = self.chord.prefer_healthy([n for n in replicas if n != me]) + fallbacks
+        queue = self.ring.prefer_healthy([n for n in replicas if n.address != me]) + fallbacks
         running: dict[asyncio.Future[Record | None], NodeInfo] = {}
         retried: set[NodeInfo] = set()
         try:
@@ -370,10 +390,10 @@ class KVService:
 
         Returns once W replicas stored it; raises :class:`QuorumError` with how many did otherwise.
         """
-        replicas, fallbacks = await self.replica_set(key)
         need = self.config.write_quorum
+        replicas, fallbacks = await self._enough(key, need)
         for _ in range(3):
-            record = Record(key, value, Version(self.clock.now(), self.chord.info.id))
+            record = Record(key, value, Version(self.clock.now(), self.ring.info.id))
             acked, newer = await self._replicate([record], replicas, fallbacks, need)
             if newer is None:
                 break
@@ -408,9 +428,7 @@ class KVService:
                         if newer is not None and newer.timestamp > self.clock.limit():
                             # it holds a version stamped beyond the skew, which would beat every write:
                             # not an acknowledgement, and never a reason to stamp past it
-                            log.warning(
-                                "%s: %s holds a record stamped beyond the skew", self.chord.info, node
-                            )
+                            log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
                             continue
                         acked += 1
                         if newer is not None and (newest is None or newer > newest):
@@ -435,7 +453,7 @@ class KVService:
         def finished(done: asyncio.Future[Any]) -> None:
             self._background.discard(done)
             if not done.cancelled() and done.exception() is not None:
-                log.debug("%s: background replication failed: %s", self.chord.info, done.exception())
+                log.debug("%s: background replication failed: %s", self.ring.info, done.exception())
 
         future.add_done_callback(finished)
 
@@ -447,11 +465,14 @@ class KVService:
     def _failed(self, node: NodeInfo, exc: BaseException | None) -> bool:
         """Account for a replica call to ``node`` that failed with ``exc``; returns whether the node is
         only suspected (it timed out but is not declared failed), so that asking it again may help."""
-        log.debug("%s: %s did not answer: %s", self.chord.info, node, exc)
+        log.debug("%s: %s did not answer: %s", self.ring.info, node, exc)
         if isinstance(exc, PeerUnreachableError):  # down, or only slow: the failure detector decides
-            return not exc.refused and not self.chord.unreachable(node, exc)
+            if self.ring.unreachable(node, exc):
+                self.forget_peer(node.address)
+                return False
+            return not exc.refused
         if isinstance(exc, RingError):  # it has left the ring, or is leaving it
-            self.chord.forget(node, "left")
+            self.ring.forget(node, "left")
         return False
 
     def forget_peer(self, address: str) -> None:
@@ -470,11 +491,11 @@ class KVService:
         allowed to move this node's clock."""
         if record is None or record.version.timestamp <= self.clock.limit():
             return record
-        log.warning("%s: ignoring a record of %r stamped beyond the clock skew", self.chord.info, record.key)
+        log.warning("%s: ignoring a record of %r stamped beyond the clock skew", self.ring.info, record.key)
         return None
 
     async def _read_at(self, node: NodeInfo, key: bytes) -> Record | None:
-        if node == self.chord.info:
+        if node.address == self.ring.address:
             return self._adoptable(await self.storage.get(key))
         batcher = self._readers.get(node.address)
         if batcher is None:
@@ -487,7 +508,7 @@ class KVService:
 
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
-        if node == self.chord.info:
+        if node.address == self.ring.address:
             async with self._storing_here():
                 return _summary(await self._store_each(records))
         if len(records) == 1:  # a client write or a repair: share the message with others of this turn
@@ -519,7 +540,7 @@ class KVService:
     async def _storing_here(self) -> AsyncIterator[None]:
         """Count a write being applied here; refuse it once the node is leaving (see :meth:`quiesce`)."""
         if self.leaving:
-            raise RingError(f"{self.chord.info.address} is leaving the ring and takes no more writes")
+            raise RingError(f"{self.ring.info.address} is leaving the ring and takes no more writes")
         self._storing += 1
         self._stored.clear()
         try:
@@ -560,7 +581,7 @@ class KVService:
         if len(kept) < len(records):
             log.warning(
                 "%s: %d records from %s are stamped beyond the allowed clock skew; not stored",
-                self.chord.info,
+                self.ring.info,
                 len(records) - len(kept),
                 source,
             )
@@ -589,11 +610,12 @@ class KVService:
         """One pass of hand-off, repair and anti-entropy over every local record (see the module doc)."""
         async with self._maintaining:
             report = Maintenance()
-            placement = _Placement(self.chord)
-            me = self.chord.info
+            placement = _Placement(self.ring)
+            me = self.ring.address
             grace = self.config.tombstone_grace
             now = time.time()
-            shared: dict[NodeInfo, dict[int, dict[bytes, Version]]] = {}
+            peers: dict[str, NodeInfo] = {}  # one id to call each process at
+            shared: dict[str, dict[int, dict[bytes, Version]]] = {}
             misplaced: list[tuple[Record, list[NodeInfo]]] = []
             expired: list[Record] = []
             async for batch in self.storage.scan(batch=self.config.handoff_batch):
@@ -606,17 +628,20 @@ class KVService:
                         replicas, _ = await self.replica_set(record.key, placement)
                     except RingError:
                         continue
-                    bucket = self.chord.space.id(record.key) >> (self.chord.space.bits - BUCKET_BITS)
+                    bucket = self.ring.space.id(record.key) >> (self.ring.space.bits - BUCKET_BITS)
                     for node in replicas:
-                        if node != me:
-                            shared.setdefault(node, {}).setdefault(bucket, {})[record.key] = record.version
-                    if me not in replicas:
+                        if node.address != me:
+                            peers.setdefault(node.address, node)
+                            shared.setdefault(node.address, {}).setdefault(bucket, {})[record.key] = (
+                                record.version
+                            )
+                    if all(node.address != me for node in replicas):
                         misplaced.append((record, replicas))
             report.collected = await self.storage.remove(expired) if expired else 0
-            self._shared = {node.address: buckets for node, buckets in shared.items()}
+            self._shared = shared
             self._placed = True
-            for node, buckets in shared.items():
-                await self._sync_with(node, buckets, report)
+            for address, buckets in shared.items():
+                await self._sync_with(peers[address], buckets, report)
             await self._hand_off(misplaced, report)
             return report
 
@@ -629,7 +654,7 @@ class KVService:
             raw = await self._call(
                 node.address,
                 "kv.digests",
-                {"node": self.chord.info.to_wire(), "digests": digests},
+                {"node": self.ring.info.to_wire(), "digests": digests},
                 self.config.rpc_timeout,
             )
             for bucket in wire.decode(wire.DigestsAnswer, raw, self._limits).differ:
@@ -638,7 +663,7 @@ class KVService:
                     node.address,
                     "kv.compare",
                     {
-                        "node": self.chord.info.to_wire(),
+                        "node": self.ring.info.to_wire(),
                         "bucket": bucket,
                         "entries": [[_b64(k), *v.to_wire()] for k, v in entries.items()],
                     },
@@ -654,7 +679,7 @@ class KVService:
                     report.pushed += len(mine)
         except BalancerError as exc:
             report.unreachable.add(node.address)
-            log.debug("%s: anti-entropy with %s failed: %s", self.chord.info, node, exc)
+            log.debug("%s: anti-entropy with %s failed: %s", self.ring.info, node, exc)
 
     async def _hand_off(self, misplaced: list[tuple[Record, list[NodeInfo]]], report: Maintenance) -> None:
         """Push records this node does not replicate to their replicas; drop each once all confirmed."""
@@ -669,7 +694,7 @@ class KVService:
             if acked == len(targets):
                 confirmed.extend(records)
                 for node in targets:
-                    self._emit("range_moved", node=self.chord.info, target=node, records=len(records))
+                    self._emit("range_moved", node=self.ring.info, target=node, records=len(records))
         if confirmed:
             report.handed_off += await self.storage.remove(confirmed)
 
@@ -680,20 +705,21 @@ class KVService:
         A record's heirs are its replica set without this node, completed by the next fallback. Records
         whose replica set cannot be looked up go to ``successors`` instead (dropped once one confirmed).
         """
-        me = self.chord.info
-        placement = _Placement(self.chord)
+        me = self.ring.address
+        placement = _Placement(self.ring)
         by_heirs: dict[tuple[NodeInfo, ...], list[Record]] = {}
         async for batch in self.storage.scan(batch=self.config.handoff_batch):
             for record in batch:
                 try:
                     replicas, fallbacks = await self.replica_set(record.key, placement)
-                    heirs = [n for n in replicas if n != me] + [n for n in fallbacks if n != me][:1]
+                    heirs = [n for n in replicas if n.address != me]
+                    heirs += [n for n in fallbacks if n.address != me][:1]
                     heirs = heirs[: self.config.replicas]
                 except RingError:
                     heirs = []
                 by_heirs.setdefault(tuple(heirs), []).append(record)
         moved = 0
-        fallback = [s for s in successors if s != me]
+        fallback = [s for s in successors if s.address != me]
         for chosen, records in by_heirs.items():
             targets = list(chosen) or fallback
             if not targets:
@@ -704,7 +730,7 @@ class KVService:
                 if acked == len(targets) or (not chosen and acked):
                     moved += await self.storage.remove(chunk)
                     for target in targets:
-                        self._emit("range_moved", node=me, target=target, records=len(chunk))
+                        self._emit("range_moved", node=self.ring.info, target=target, records=len(chunk))
         return moved
 
     @staticmethod

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -24,8 +26,9 @@ from typing import Any, Self
 
 import pluggy
 
-from balancer.chord import Chord
-from balancer.config import Config
+from balancer import wire
+from balancer.chord import Call, Chord
+from balancer.config import PROTOCOL_VERSION, Config
 from balancer.errors import (
     BadAnswerError,
     BalancerError,
@@ -43,7 +46,10 @@ from balancer.hookspecs import Handler, Payload, PublicApi, Route, Storage, Tran
 from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
+from balancer.ring import Ring
+from balancer.survey import RingStatus, status_of, survey
 from balancer.types import Lookup, Member, NodeInfo, Record, RingView, format_id
+from balancer.vnodes import allocate_ids, derived_ids, vnode_count
 
 __all__ = ["Node"]
 
@@ -91,7 +97,16 @@ class Node(PublicApi):
         self._tasks: list[asyncio.Task[None]] = []
         self._random = random.Random(self.config.seed)
         self._membership_changed = asyncio.Event()
-        self._chord: Chord | None = None
+        self._ring: Ring | None = None
+        self._call: Call = self.transport.call
+        self._limits = wire.Limits(bits=self.config.bits)
+        self.member = False
+        """Whether this node has created or joined its ring (and not left it)."""
+        self._survey_due = asyncio.Event()
+        self._departed: set[str] = set()  # processes that said they left: not listed as down
+        self._heard: dict[str, str] = {}  # the last ring event reported to the hooks, by process
+        self._placing = asyncio.Lock()
+        self._pending: dict[str, tuple[list[int], float, float]] = {}  # placed lately: ids, weight, until
         self.detector = FailureDetector(self.config.rpc_timeout, self.config.phi_threshold)
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
@@ -119,49 +134,125 @@ class Node(PublicApi):
         self.pm.hook.balancer_http_routes(node=self, register=self._routes.append)
         port = await self.transport.serve(self.config.host, self.config.port, self._handlers, api=self)
         address = f"{self.config.advertised}:{port}"
-        ident = self.config.node_id if self.config.node_id is not None else self.space.id(address)
-        info = NodeInfo(ident, address)
-        call = self.detector.monitor(self.transport.call)
-        self._chord = chord = Chord(
-            info,
-            call,
+        self._call = self.detector.monitor(self.transport.call)
+        self._handlers["node.status"] = self._rpc_status
+        self._handlers["ring.describe"] = self._rpc_describe
+        self._handlers["ring.place"] = self._rpc_place
+        # Until this node is a ring member, a joiner asking it must wait, not take it for a ring of one.
+        self._handlers["chord.join"] = self._refuse_join
+        try:
+            await self._join_or_create(address, on_join_wait)
+        except BaseException:
+            await self.close()
+            raise
+        ring = self.ring
+        self._handlers["chord.join"] = ring.handlers()["chord.join"]
+        self.member = True
+        try:
+            await self.ring_status()
+        except BalancerError as exc:
+            log.info("%s: the first survey of the ring failed: %s", ring.info, exc)
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.stabilize_interval, ring.stabilize)),
+            asyncio.create_task(
+                self._every(self.config.fix_fingers_interval, ring.fix_fingers, ring.fix_all)
+            ),
+            asyncio.create_task(self._every(self.config.check_predecessor_interval, ring.check_predecessor)),
+            asyncio.create_task(self._maintainer()),
+            asyncio.create_task(self._surveyor()),
+        ]
+        log.info(
+            "%s: %s with %d virtual nodes",
+            ring.info,
+            f"joined through {self.bootstrap}" if self.bootstrap else "created a ring",
+            len(ring.vnodes),
+        )
+        return self
+
+    def _install(self, address: str, ids: list[int]) -> Ring:
+        """Make the routing state and the key-value service for ``ids`` and serve their RPCs."""
+        ring = Ring(
+            address,
+            ids,
+            self._call,
             space=self.space,
             successors=self.config.successors,
             timeout=self.config.rpc_timeout,
             settings=self.config.ring_settings(),
-            on_event=self._on_ring_event,
             detector=self.detector,
+            on_event=self._on_ring_event,
+            weight=self.config.weight,
+            route_ttl=max(2.0, 4 * self.config.stabilize_interval),
         )
-        self._kv = KVService(chord, self.storage, self.strategy, call, self.config, self._emit)
-        chord.on_predecessor_change(self._on_predecessor_change)
-        self._handlers.update(chord.handlers())
+        for vnode in ring.vnodes:
+            vnode.on_predecessor_change(self._on_predecessor_change)
+        self._ring = ring
+        self._kv = KVService(ring, self.storage, self.strategy, self._call, self.config, self._emit)
+        self._handlers.update(ring.handlers())
         self._handlers.update(self._kv.handlers())
-        self._handlers["node.status"] = self._rpc_status
-        # Until this node is a ring member, a joiner asking it must wait, not take it for a ring of one.
         self._handlers["chord.join"] = self._refuse_join
+        return ring
+
+    def _derived_ids(self, address: str) -> list[int]:
+        """This process's ids derived from its address alone (a ring's first process, or fixed ids)."""
+        count = vnode_count(self.config.vnodes, self.config.weight)
+        ids = derived_ids(address, count, self.space)
+        if self.config.node_id is not None:
+            ids = [self.config.node_id, *(i for i in ids if i != self.config.node_id)][:count]
+        return ids  # the first (the address's hash, or node_id) names the process
+
+    async def _placed_ids(self, seed: str, address: str) -> list[int]:
+        """Ids that even the ring out, placed by ``seed`` (``ring.place``; see :mod:`balancer.vnodes`).
+
+        Fixed ids (``node_id``) are not placed. Raises the seed's own error if it does not answer.
+        """
+        derived = self._derived_ids(address)
+        if self.config.node_id is not None:
+            return derived
+        request = {"address": address, "weight": self.config.weight, "count": len(derived)}
         try:
-            await self._join_or_create(chord, on_join_wait)
-        except BaseException:
-            await self.close()
-            raise
-        self._handlers["chord.join"] = chord.handlers()["chord.join"]
-        self._refresh_members()
-        self._tasks = [
-            asyncio.create_task(self._every(self.config.stabilize_interval, chord.stabilize)),
-            asyncio.create_task(self._every(self.config.fix_fingers_interval, chord.fix_fingers)),
-            asyncio.create_task(self._every(self.config.check_predecessor_interval, chord.check_predecessor)),
-            asyncio.create_task(self._maintainer()),
-        ]
-        log.info("%s: %s", info, f"joined through {self.bootstrap}" if self.bootstrap else "created a ring")
-        return self
+            raw = await self._call(seed, "ring.place", request, self.config.rpc_timeout * 8)
+        except UnknownMethodError:
+            raise IncompatibleConfigError(
+                f"{seed} speaks an older protocol than {PROTOCOL_VERSION}"
+            ) from None
+        return sorted(set(wire.decode(wire.Placed, raw, self._limits).ids))
+
+    async def _rpc_place(self, payload: Payload) -> Payload:
+        """Place a joiner's ids: survey the ring, count the ids placed for other joiners lately as if
+        they had joined already (so that processes joining at once through this seed do not all take
+        from the same arcs), and allocate (:func:`balancer.vnodes.allocate_ids`)."""
+        message = wire.decode(wire.Place, payload, self._limits)
+        if not self.member or self._ring is None:
+            raise RingError("this node is not a ring member yet")
+        async with self._placing:
+            found, _ = await survey(self._describe, [self._ring.address])
+            ring = {i: d.address for d in found.values() if not d.leaving for i, _ in d.vnodes}
+            weights = {d.address: d.weight for d in found.values()}
+            now = time.monotonic()
+            self._pending = {
+                a: placed for a, placed in self._pending.items() if placed[2] > now and a not in found
+            }
+            for pending, (ids, weight, _) in self._pending.items():
+                if pending != message.address:
+                    ring.update(dict.fromkeys(ids, pending))
+                    weights[pending] = weight
+            address, count = message.address, message.count
+            derived = derived_ids(address, count, self.space)
+            ids = allocate_ids(ring, weights, message.weight, count, self.space, derived, address)
+            spare = (i for i in derived if i not in ring and i not in ids)
+            ids = sorted({*ids, *itertools.islice(spare, count - len(ids))})
+            self._pending[address] = (ids, message.weight, now + max(60.0, self.config.join_timeout))
+            while len(self._pending) > 64:  # a bound on what joiners can make this node remember
+                del self._pending[next(iter(self._pending))]
+        return {"ids": ids}
 
     async def _refuse_join(self, payload: Payload) -> Payload:
         raise RingError(f"{self.address} is not a ring member yet")
 
     async def _join_or_create(
-        self, chord: Chord, on_wait: Callable[[list[str], int, int], None] | None = None
+        self, own: str, on_wait: Callable[[list[str], int, int], None] | None = None
     ) -> None:
-        own = chord.info.address
         if own in self.seeds:
             raise ConfigError(f"seed {own} is this node's own address; give another member of the ring")
         loop = asyncio.get_running_loop()
@@ -176,7 +267,7 @@ class Node(PublicApi):
             attempt += 1
             for seed in list(waiting):
                 try:
-                    await chord.join(seed)
+                    await self._install(own, await self._placed_ids(seed, own)).join(seed)
                 except StaleRequestError as exc:  # our clock is behind a seed that just started: ask again
                     problems[seed] = exc
                     continue
@@ -184,12 +275,12 @@ class Node(PublicApi):
                     raise
                 except BadAnswerError as exc:  # up, and not a balancer node
                     if len(self.seeds) > 1 or self.create_if_alone:  # else the final error says it
-                        log.warning("%s: seed %s is not a balancer node: %s", chord.info, seed, exc)
+                        log.warning("%s: seed %s is not a balancer node: %s", own, seed, exc)
                     problems[seed] = exc
                     waiting.remove(seed)
                     continue
                 except (PeerUnreachableError, UnknownMethodError, RingError, RemoteError) as exc:
-                    log.debug("%s: seed %s: %s", chord.info, seed, exc)  # down, starting, or not a member yet
+                    log.debug("%s: seed %s: %s", own, seed, exc)  # down, starting, or not a member yet
                     problems[seed] = exc
                     continue
                 self.bootstrap = seed
@@ -198,14 +289,12 @@ class Node(PublicApi):
                 if on_wait is not None:
                     on_wait(list(waiting), attempt, len(schedule))
                 else:
-                    log.info(
-                        "%s: waiting for %s (%d/%d)", chord.info, ", ".join(waiting), attempt, len(schedule)
-                    )
+                    log.info("%s: waiting for %s (%d/%d)", own, ", ".join(waiting), attempt, len(schedule))
             else:
                 break
         if problems and not self.create_if_alone:
             raise self._join_failure(problems, attempt, loop.time() - started)
-        chord.create()
+        self._install(own, self._derived_ids(own)).create()
 
     @staticmethod
     def _join_schedule(timeout: float) -> list[float]:
@@ -233,22 +322,22 @@ class Node(PublicApi):
         If no successor accepts the records (the node is alone, or every successor is down), they stay
         in this node's storage and the node still stops.
         """
-        if self.stopped or self._chord is None or self._kv is None:
+        if self.stopped or self._ring is None or self._kv is None:
             await self.close()
             return
-        chord, kv = self._chord, self._kv
+        ring, kv = self._ring, self._kv
         # Take no more writes (coordinators send them to the next replicas instead), and let those being
         # applied finish: the hand-off below then carries every write this node acknowledged.
         await kv.quiesce()
         await self._stop_tasks()
         await kv.drain()
-        heirs = [s for s in chord.successors if s != chord.info][: self.config.replicas]
+        heirs = ring.successors[: self.config.replicas]
         if heirs:
             try:
                 await kv.hand_off_all(heirs)
             except BalancerError as exc:
-                log.warning("%s: hand-off on leaving failed: %s", chord.info, exc)
-        await chord.leave()
+                log.warning("%s: hand-off on leaving failed: %s", ring.info, exc)
+        await ring.leave()
         await self.close()
 
     async def close(self) -> None:
@@ -259,9 +348,11 @@ class Node(PublicApi):
         await self._stop_tasks()
         if self._kv is not None:
             self._kv.cancel_background()
-        if self._chord is not None:
-            self._chord.left = True
         await self.transport.aclose()
+        if self._ring is not None:  # after the transport: a peer asking meanwhile must not hear "left"
+            self._ring.left = True
+            for vnode in self._ring.vnodes:
+                vnode.left = True
         await self.storage.close()
 
     async def __aenter__(self) -> Self:
@@ -278,11 +369,16 @@ class Node(PublicApi):
     # -- the public API ---------------------------------------------------------------------------
 
     @property
-    def chord(self) -> Chord:
-        """The routing state (raises :class:`RingError` before :meth:`start`)."""
-        if self._chord is None:
+    def ring(self) -> Ring:
+        """The routing state of this process's vnodes (raises :class:`RingError` before :meth:`start`)."""
+        if self._ring is None:
             raise RingError("the node has not started")
-        return self._chord
+        return self._ring
+
+    @property
+    def chord(self) -> Chord:
+        """The routing state of this process's first vnode (see :attr:`ring` for all of them)."""
+        return self.ring.first
 
     @property
     def kv(self) -> KVService:
@@ -293,21 +389,22 @@ class Node(PublicApi):
 
     @property
     def info(self) -> NodeInfo:
-        """This node's id and advertised address."""
-        return self.chord.info
+        """This process's first vnode: its id and the advertised address."""
+        return self.ring.info
 
     @property
     def address(self) -> str:
         """The ``host:port`` other nodes and clients reach this node at."""
-        return self.chord.info.address
+        return self.ring.address
 
     def view(self) -> RingView:
-        """This node's current view of the ring."""
+        """The first vnode's current view of the ring."""
         return self.chord.view()
 
     async def lookup(self, key: str | bytes) -> Lookup:
-        """The node that owns ``key`` now, with the number of hops the lookup took."""
-        return await self.chord.find_successor(self.space.id(self.kv.encode_key(key)))
+        """The vnode (id and process address) that owns ``key`` now, and the processes after it; the
+        hop count is the network messages the lookup took."""
+        return await self.ring.find_successor(self.space.id(self.kv.encode_key(key)))
 
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`."""
@@ -327,33 +424,74 @@ class Node(PublicApi):
     def members(self) -> tuple[Member, ...]:
         """The processes of the ring as this node knows them now, sorted by address (itself included).
 
-        The ``balancer_membership_changed`` event reports every change of this view, so applications
-        can follow it without polling.
+        Kept current by a survey of the ring after every change this node sees (and every
+        ``survey_interval`` seconds); a peer declared failed shows as down at once. The
+        ``balancer_membership_changed`` event reports every change, so nobody needs to poll.
         """
         return self._members
 
-    def _refresh_members(self) -> None:
-        """Recompute :meth:`members` from the routing state; emit the event if it changed."""
-        if self._chord is None:
-            return
-        chord = self._chord
-        known = [chord.info, *chord.successors, *(f for f in chord.fingers if f is not None)]
-        if chord.predecessor is not None:
-            known.append(chord.predecessor)
-        ids: dict[str, set[int]] = {}
-        for node in known:
-            ids.setdefault(node.address, set()).add(node.id)
-        members = tuple(
-            Member(
-                address,
-                tuple(sorted(ids[address])),
-                state="suspect" if self.detector.suspect(address) else "up",
-            )
-            for address in sorted(ids)
+    async def ring_status(self) -> RingStatus:
+        """Survey the ring now (one message per process): every member with its state, vnodes, weight,
+        records and share of the key space, and whether the ring has settled. Updates :meth:`members`."""
+        ring = self.ring
+        start = [ring.address, *(m.address for m in self._members if m.address != ring.address)]
+        found, failed = await survey(self._describe, start)
+        back = {a for a, d in found.items() if not d.leaving}
+        self._departed -= back  # back after leaving
+        for address in back:  # back after failing: the next failure is news again
+            if self._heard.get(address) in ("left", "failed"):
+                del self._heard[address]
+        failed = {a: e for a, e in failed.items() if a not in self._departed}
+        remembered = [m for m in self._members if m.address not in self._departed and m.state != "leaving"]
+        status = status_of(
+            found, failed, self.space, self.config.successors, detector=self.detector, remembered=remembered
         )
+        self._set_members(status.members)
+        return status
+
+    def _set_members(self, members: tuple[Member, ...]) -> None:
         if members != self._members:
             self._members = members
-            self._emit("membership_changed", node=chord.info, members=members)
+            self._emit("membership_changed", node=self.ring.info, members=members)
+
+    def _mark(self, address: str, state: str | None) -> None:
+        """Show the change a ring event reported at once (``None``: gone), before the next survey."""
+        members = {m.address: m for m in self._members}
+        if state is None:
+            members.pop(address, None)
+        elif address in members:
+            members[address] = dataclasses.replace(
+                members[address], state=state, share=0.0 if state == "down" else members[address].share
+            )
+        else:
+            members[address] = Member(address, state=state)
+        self._set_members(tuple(members[a] for a in sorted(members)))
+
+    async def _describe(self, address: str) -> wire.Described:
+        if self._ring is not None and address == self._ring.address:
+            payload = await self._rpc_describe({})
+        else:
+            payload = await self._call(address, "ring.describe", {}, self.config.rpc_timeout)
+        return wire.decode(wire.Described, payload, self._limits)
+
+    async def _rpc_describe(self, payload: Payload) -> Payload:
+        if not self.member or self._ring is None or self._kv is None:
+            raise RingError(f"{self.address if self._ring else 'this node'} is not a ring member yet")
+        ring, me = self._ring, self._ring.address
+        neighbours = {
+            n.address
+            for v in ring.vnodes
+            for n in (*v.successors, v.predecessor)
+            if n is not None and n.address != me
+        }
+        return {
+            "address": me,
+            "vnodes": [[v.info.id, [s.id for s in v.successors]] for v in ring.vnodes],
+            "neighbours": sorted(neighbours),
+            "weight": self.config.weight,
+            "leaving": self._kv.leaving or ring.left,
+            "records": await self.storage.count(),
+        }
 
     def routes(self) -> list[Route]:
         """The HTTP endpoints plugins added to this node."""
@@ -366,6 +504,10 @@ class Node(PublicApi):
             records.extend(batch)
         return records
 
+    async def ring_view(self) -> Payload:
+        """:meth:`ring_status` as JSON-safe data (``GET /ring``)."""
+        return (await self.ring_status()).to_json(self.space.bits)
+
     async def status(self) -> Payload:
         """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""
         view = self.view()
@@ -376,6 +518,8 @@ class Node(PublicApi):
             "successors": [s.address for s in view.successors],
             "fingers": [{"id": format_id(f.id, self.space.bits), "address": f.address} for f in view.fingers],
             "records": await self.storage.count(),
+            "vnodes": len(self.ring.vnodes),
+            "weight": self.config.weight,
             "settings": self.config.ring_settings(),
         }
 
@@ -402,25 +546,54 @@ class Node(PublicApi):
         try:
             self.registry.emit(event, **kwargs)
         except Exception:  # a misbehaving plugin must not break the ring
-            log.exception("%s: an event hook for %r failed", self._chord and self._chord.info, event)
+            log.exception("%s: an event hook for %r failed", self._ring and self._ring.info, event)
 
     def _on_ring_event(self, event: str, peer: NodeInfo) -> None:
+        """A vnode saw ``peer`` (a vnode of another process) join, leave or fail. The ``node_*`` hooks
+        hear of it once per process and change: a process that joined is reported once, until it is
+        reported to have left or failed; :meth:`members` shows the change at once."""
         self._membership_changed.set()
-        self._refresh_members()
+        self._survey_due.set()
+        address = peer.address
         if event != "joined" and self._kv is not None:
-            self._kv.forget_peer(peer.address)
-        self._emit(f"node_{event}", node=self.chord.info, peer=peer)
+            self._kv.forget_peer(address)
+        if not self.member:
+            return
+        last = self._heard.get(address)
+        if event == "failed":
+            self._mark(address, "down")
+            if last in ("left", "failed"):
+                return
+        elif event == "left":
+            self._departed.add(address)
+            self._mark(address, None)
+            if last == "left":
+                return
+        else:
+            if address not in self._departed and all(m.address != address for m in self._members):
+                self._mark(address, "up")  # the next survey tells the rest
+            if last == "joined" or address in self._departed:
+                return
+        self._heard[address] = event
+        self._emit(f"node_{event}", node=self.ring.info, peer=peer)
 
     def _on_predecessor_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
         self._membership_changed.set()
-        self._refresh_members()
+        self._survey_due.set()
 
-    async def _every(self, period: float, step: Callable[[], Awaitable[Any]]) -> None:
+    async def _every(
+        self,
+        period: float,
+        step: Callable[[], Awaitable[Any]],
+        first: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Run ``step`` every ``period`` seconds (jittered); ``first`` instead of it the first time."""
         jitter = self.config.jitter
         while True:
             await asyncio.sleep(period * self._random.uniform(1 - jitter, 1 + jitter))
             try:
-                await step()
+                await (first or step)()
+                first = None
             except PeerUnreachableError as exc:
                 log.debug("%s: %s: %s", self.chord.info, getattr(step, "__name__", step), exc)
             except BalancerError as exc:
@@ -444,6 +617,23 @@ class Node(PublicApi):
                 await self.kv.maintain()
             except Exception:
                 log.exception("%s: the maintenance pass failed; it will run again", self.chord.info)
+
+    async def _surveyor(self) -> None:
+        """Survey the ring soon after any change this node sees, and every ``survey_interval``."""
+        jitter = self.config.jitter
+        while True:
+            period = self.config.survey_interval * self._random.uniform(1 - jitter, 1 + jitter)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._survey_due.wait()
+                await asyncio.sleep(2 * self.config.stabilize_interval)  # one change often brings more
+            self._survey_due.clear()
+            try:
+                await self.ring_status()
+            except BalancerError as exc:
+                log.info("%s: surveying the ring failed: %s", self.ring.info, exc)
+            except Exception:
+                log.exception("%s: surveying the ring crashed; it will run again", self.ring.info)
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []

@@ -27,8 +27,11 @@ from balancer.types import NodeInfo, Record, Version
 __all__ = [
     "MAX_BATCH",
     "MAX_SUCCESSORS",
+    "Batch",
+    "BatchAnswer",
     "Compare",
     "CompareAnswer",
+    "Described",
     "Digests",
     "DigestsAnswer",
     "Empty",
@@ -41,11 +44,14 @@ __all__ = [
     "Message",
     "Notify",
     "Ping",
+    "Place",
+    "Placed",
     "ReadMany",
     "ReadManyAnswer",
     "State",
     "Store",
     "StoreAnswer",
+    "Targeted",
     "WireNode",
     "WireRecord",
     "WireVersion",
@@ -127,7 +133,18 @@ class Message(Struct, frozen=True):
 
 
 class Empty(Message, frozen=True):
-    """A request or answer with no fields (``chord.state``, ``chord.notify``'s answer, ...)."""
+    """A request or answer with no fields (``chord.notify``'s answer, ...)."""
+
+
+class Targeted(Message, frozen=True, kw_only=True):
+    """A request for one virtual node of the receiving process (``chord.state``, ``chord.ping``):
+    ``to`` is its id; without it, the process's first one."""
+
+    to: _Id | None = None
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The id of the virtual node addressed."""
+        return "the target id", () if self.to is None else (self.to,), ()
 
 
 class Ping(Message, frozen=True):
@@ -141,13 +158,15 @@ class Ping(Message, frozen=True):
 
 
 class State(Message, frozen=True):
-    """``chord.state``'s answer: the node's predecessor and successor list."""
+    """``chord.state``'s answer: the node's predecessor and successor list, and whether that list
+    skipped no id (then, if it is short of r processes, it is the whole ring in order)."""
 
     successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS)]
     predecessor: WireNode | None = None
+    contiguous: bool = False
 
 
-class Notify(Message, frozen=True):
+class Notify(Targeted, frozen=True):
     """``chord.notify``: ``node`` thinks it might be the receiver's predecessor."""
 
     node: WireNode
@@ -169,13 +188,20 @@ class FindStepAnswer(Message, frozen=True):
     done: bool
     successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS + 1)]
     closer: _Nodes = []
+    after: _Id | None = None
+    """With ``done``: every id in ``(after, owner]`` has the same owner (what the caller may cache).
+    Without: the id of the vnode whose successor list ``successors`` is."""
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """Where the owner's range starts."""
+        return "the range start", () if self.after is None else (self.after,), ()
 
 
 class Join(Message, frozen=True):
     """``chord.join``: ``node`` asks where it belongs; ``settings`` must equal the ring's."""
 
     node: WireNode
-    settings: Annotated[dict[str, int], Meta(max_length=32)]
+    settings: Annotated[dict[str, int | Annotated[str, Meta(max_length=64)]], Meta(max_length=32)]
 
 
 class JoinAnswer(Message, frozen=True):
@@ -185,12 +211,68 @@ class JoinAnswer(Message, frozen=True):
     hops: Annotated[int, Meta(ge=0, le=1 << 16)] = 0
 
 
-class Leaving(Message, frozen=True):
+class Leaving(Targeted, frozen=True):
     """``chord.leaving``: ``node`` leaves gracefully, naming its predecessor and successors."""
 
     node: WireNode
     successors: Annotated[list[WireNode], Meta(max_length=MAX_SUCCESSORS)] = []
     predecessor: WireNode | None = None
+
+
+class Batch(Message, frozen=True):
+    """``chord.batch``: maintenance calls (``chord.state``, ``chord.notify``, ``chord.ping``) for vnodes
+    of one process, made in the same turn, as ``[method, payload]`` pairs; each payload is decoded by
+    its own method's schema."""
+
+    calls: Annotated[
+        list[tuple[Annotated[str, Meta(max_length=32)], dict[str, Any]]], Meta(min_length=1, max_length=1024)
+    ]
+
+
+class BatchAnswer(Message, frozen=True):
+    """``chord.batch``'s answer: per call, ``{"ok": answer}`` or ``{"error": [type, message]}``."""
+
+    results: Annotated[list[dict[str, Any]], Meta(max_length=1024)]
+
+
+class Described(Message, frozen=True):
+    """``ring.describe``'s answer: one process as it describes itself.
+
+    ``vnodes`` pairs each of its ids with the ids of that vnode's successor list; ``neighbours`` are the
+    other processes it points to (where a survey of the ring goes next).
+    """
+
+    address: _Address
+    vnodes: Annotated[
+        list[tuple[_Id, Annotated[list[_Id], Meta(max_length=MAX_SUCCESSORS)]]],
+        Meta(min_length=1, max_length=4096),
+    ]
+    neighbours: Annotated[list[_Address], Meta(max_length=4096)] = []
+    weight: Annotated[float, Meta(gt=0, le=64)] = 1.0
+    leaving: bool = False
+    records: Annotated[int, Meta(ge=0)] = 0
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The ids of the vnodes and of their successors."""
+        return "a vnode id", (i for v, after in self.vnodes for i in (v, *after)), ()
+
+
+class Place(Message, frozen=True):
+    """``ring.place``: where should the ``count`` ids of the process at ``address`` go?"""
+
+    address: _Address
+    weight: Annotated[float, Meta(gt=0, le=64)]
+    count: Annotated[int, Meta(ge=1, le=4096)]
+
+
+class Placed(Message, frozen=True):
+    """``ring.place``'s answer: the ids to join with."""
+
+    ids: Annotated[list[_Id], Meta(min_length=1, max_length=4096)]
+
+    def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
+        """The ids placed."""
+        return "an id", self.ids, ()
 
 
 class ReadMany(Message, frozen=True):

@@ -68,7 +68,7 @@ from balancer.keyspace import KeySpace
 from balancer.node import Node
 from balancer.plugin import plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
-from balancer.types import NodeInfo
+from balancer.survey import exact
 
 STRATEGIES = ("successor", "multi-ring")
 N, W, R = 3, 2, 2
@@ -161,12 +161,15 @@ class Ring:
         return self.made[0].space
 
     async def start(self, join: str | None) -> Node:
-        """Start a node with a fresh seeded id, joining through ``join`` (or creating the ring)."""
-        taken = {node.info.id for node in self.made}
+        """Start a node joining through ``join`` (or creating the ring). With one id per node the id is
+        a fresh seeded one; with virtual nodes the ids are placed as every node places them (from the
+        node's address, which the in-process network hands out in order: reproducible too)."""
+        taken = {v.info.id for node in self.made for v in node.ring.vnodes}
         ident = self.ids.getrandbits(self.config.bits)
         while ident in taken:  # 64-bit collisions: never in practice, but the id must be unique
             ident = self.ids.getrandbits(self.config.bits)
-        config = self.config.evolve(node_id=ident, seed=ident)
+        fixed = ident if self.config.vnodes == 1 else None
+        config = self.config.evolve(node_id=fixed, seed=ident)
         node = Node(config, join=join, pm=self.pm, transport=LocalTransport(self.network))
         await node.start()
         self.made.append(node)
@@ -185,9 +188,10 @@ class Ring:
             await node.close()
 
 
-def base_config(strategy: str) -> Config:
+def base_config(strategy: str, vnodes: int = 0) -> Config:
     """The configuration every node of a ring shares (before its own id and seed)."""
     return Config(
+        vnodes=vnodes or Config().vnodes,
         transport="local",
         load_entrypoints=False,
         replication=strategy,
@@ -198,21 +202,22 @@ def base_config(strategy: str) -> Config:
     )
 
 
-async def build_ring(strategy: str, count: int, seed: int) -> Ring:
+async def build_ring(strategy: str, count: int, seed: int, vnodes: int = 0) -> Ring:
     """``count`` nodes joined one by one through random members, stabilized after each join, converged.
 
     The ids and join order depend on ``seed`` only, so both strategies get the same ring.
     """
     rng = random.Random(f"{seed}/ring")
-    ring = Ring(MeteredNetwork(), base_config(strategy), plugin_manager(load_entrypoints=False), rng)
+    config = base_config(strategy, vnodes)
+    ring = Ring(MeteredNetwork(), config, plugin_manager(load_entrypoints=False), rng)
     for _ in range(count):
         await ring.start(rng.choice(ring.live).address if ring.live else None)
         for _sweep in range(2):
             for member in ring.live:
-                await step(ring, "stabilize", member.chord.stabilize())
+                await step(ring, "stabilize", member.ring.stabilize())
     await stabilize_until_correct(ring, rng, 10 * count)
     for node in ring.live:
-        await step(ring, "fix_fingers", node.chord.fix_fingers())
+        await step(ring, "fix_fingers", node.ring.fix_all())
     return ring
 
 
@@ -225,20 +230,8 @@ async def step(ring: Ring, name: str, work: Awaitable[Any]) -> None:
 
 
 def ring_is_correct(nodes: Sequence[Node]) -> bool:
-    """Every node's successor list and predecessor are its true neighbours (copied from tests/helpers)."""
-    ordered = sorted(nodes, key=lambda n: n.info.id)
-    count = len(ordered)
-    for i, node in enumerate(ordered):
-        expected = [
-            ordered[(i + k) % count].info for k in range(1, min(node.config.successors, count - 1) + 1)
-        ]
-        if count == 1:
-            expected = [node.info]
-        if node.chord.successors != expected:
-            return False
-        if count > 1 and node.chord.predecessor != ordered[i - 1].info:
-            return False
-    return True
+    """Every vnode's successor list and predecessor are what the sorted ids imply."""
+    return exact(v for node in nodes for v in node.ring.vnodes)
 
 
 async def stabilize_until_correct(ring: Ring, rng: random.Random, limit: int) -> int:
@@ -252,8 +245,8 @@ async def stabilize_until_correct(ring: Ring, rng: random.Random, limit: int) ->
             return sweeps
         rng.shuffle(order)
         for node in order:
-            await step(ring, "check_predecessor", node.chord.check_predecessor())
-            await step(ring, "stabilize", node.chord.stabilize())
+            await step(ring, "check_predecessor", node.ring.check_predecessor())
+            await step(ring, "stabilize", node.ring.stabilize())
     return limit
 
 
@@ -261,7 +254,7 @@ async def repair_round(ring: Ring, rng: random.Random, max_sweeps: int) -> int:
     """One round (see the module doc); returns the stabilize sweeps it took."""
     sweeps = await stabilize_until_correct(ring, rng, max_sweeps)
     for node in ring.live:
-        await step(ring, "fix_fingers", node.chord.fix_fingers())
+        await step(ring, "fix_fingers", node.ring.fix_all())
     for node in ring.live:
         await step(ring, "drain", node.kv.drain())
     for node in ring.live:
@@ -277,27 +270,28 @@ async def repair_round(ring: Ring, rng: random.Random, max_sweeps: int) -> int:
 def true_replicas(ring: Ring, key: bytes) -> frozenset[str]:
     """The addresses of ``key``'s replicas on a correct ring of the live nodes.
 
-    The rule of ``KVService.replica_set``: for each position the strategy names, the first node of that
-    position's owner and the r - 1 nodes after it that is not chosen yet; then the rest from the last list.
+    The rule of ``KVService.replica_set``: for each position the strategy names, the first process of
+    the walk from that position's owner (vnode ids in order, each process once) not chosen yet; then the
+    rest from the last walk.
     """
-    ordered = sorted((node.info for node in ring.live), key=lambda info: info.id)
+    ordered = sorted(v.info for node in ring.live for v in node.ring.vnodes)
     ids = [info.id for info in ordered]
     count = len(ordered)
-    length = min(ring.config.successors, count)
-    chosen: list[NodeInfo] = []
-    after: list[NodeInfo] = []
+    chosen: list[str] = []
+    after: list[str] = []
     for position in ring.strategy.positions(key, N, ring.space):
         first = bisect.bisect_left(ids, position) % count
-        after = [ordered[(first + k) % count] for k in range(length)]
-        pick = next((info for info in after if info not in chosen), None)
+        walk = (ordered[(first + k) % count].address for k in range(count))
+        after = list(dict.fromkeys(walk))[: ring.config.successors]
+        pick = next((address for address in after if address not in chosen), None)
         if pick is not None:
             chosen.append(pick)
-    for info in after:
+    for address in after:
         if len(chosen) >= N:
             break
-        if info not in chosen:
-            chosen.append(info)
-    return frozenset(info.address for info in chosen[:N])
+        if address not in chosen:
+            chosen.append(address)
+    return frozenset(chosen[:N])
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,9 +454,13 @@ async def read_back(ring: Ring, acked: dict[bytes, bytes], rng: random.Random) -
 
 
 def successor_of(ring: Ring, node: Node) -> Node:
-    """The live node that follows ``node`` on the ring (by id, whatever the routing state says)."""
-    ordered = sorted(ring.live, key=lambda n: n.info.id)
-    return ordered[(ordered.index(node) + 1) % len(ordered)]
+    """The live node whose vnode follows ``node``'s first vnode on the ring, skipping ``node``'s own
+    (by id, whatever the routing state says)."""
+    ordered = sorted((v.info for n in ring.live for v in n.ring.vnodes), key=lambda info: info.id)
+    start = ordered.index(node.info)
+    following = (ordered[(start + k) % len(ordered)] for k in range(1, len(ordered)))
+    address = next(info.address for info in following if info.address != node.address)
+    return next(n for n in ring.live if n.address == address)
 
 
 # -- section 1: durability --------------------------------------------------------------------------
@@ -502,7 +500,7 @@ def read_fields(reads: Reads) -> dict[str, Any]:
 
 async def bench_durability(strategy: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The durability rows of one strategy and one variant (``sequential`` or ``adjacent``)."""
-    ring = await build_ring(strategy, args.nodes, args.seed)
+    ring = await build_ring(strategy, args.nodes, args.seed, args.vnodes)
     # the same writes and victims for both strategies: the seed does not name the strategy
     rng = random.Random(f"{args.seed}/durability/{variant}")
     rows: list[dict[str, Any]] = []
@@ -576,7 +574,7 @@ def copies_moved(before: dict[bytes, frozenset[str]], ring: Ring) -> tuple[int, 
 
 async def bench_membership(strategy: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The membership rows of one strategy: an idle round, then a join, a leave and a crash."""
-    ring = await build_ring(strategy, args.nodes, args.seed)
+    ring = await build_ring(strategy, args.nodes, args.seed, args.vnodes)
     rng = random.Random(f"{args.seed}/membership")
     rows: list[dict[str, Any]] = []
     try:
@@ -850,6 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its tables; returns the process exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--nodes", type=int, default=16, help="ring size")
+    parser.add_argument("--vnodes", type=int, default=Config().vnodes, help="virtual nodes per node")
     parser.add_argument("--keys", type=int, default=2000, help="keys written")
     parser.add_argument("--value-bytes", type=int, default=100, help="bytes per value")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="replication strategies")
@@ -867,7 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(
         f"Faults on LocalNetwork(wire=True): {args.nodes} nodes, {args.keys:,} keys of {args.value_bytes} "
-        f"bytes, N = {N}, W = {W}, R = {R}, r = {base_config(STRATEGIES[0]).successors}, seed {args.seed}, "
+        f"bytes, {args.vnodes} vnodes each, N = {N}, W = {W}, R = {R}, "
+        f"r = {base_config(STRATEGIES[0]).successors}, seed {args.seed}, "
         f"Python {sys.version.split()[0]}\n"
     )
     baseline: dict[str, dict[str, Any]] = {}

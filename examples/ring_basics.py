@@ -11,9 +11,9 @@ from balancer import Config, Node
 
 
 async def settled(node: Node, members: int, timeout: float = 10.0) -> None:
-    """Wait (polling, with a deadline) until ``node`` sees ``members - 1`` successors."""
+    """Wait (polling, with a deadline) until ``node`` knows ``members`` processes that are up."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while len(node.view().successors) < members - 1:
+    while sum(m.state == "up" for m in node.members()) < members:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"{node.address} did not see {members} members in {timeout} s")
         await asyncio.sleep(0.05)
@@ -25,7 +25,8 @@ async def main() -> None:
     async with Node(settings) as first:
         async with Node(settings, join=first.address) as second, Node(settings, join=first.address) as third:
             await settled(first, 3)
-            print("ring:", " -> ".join(n.address for n in (first.info, *first.view().successors)))
+            status = await first.ring_status()  # asks every member: vnodes, records, share of the keys
+            print("ring:", ", ".join(f"{m.address} owns {m.share or 0:.0%}" for m in status.members))
             for i, node in enumerate((first, second, third)):
                 await node.put(f"city:{i}", f"written through {node.address}".encode())
             found = await third.lookup("city:0")

@@ -1,4 +1,5 @@
-"""An app that reacts to ring events: a plugin hears joins, graceful leaves, failures and hand-offs.
+"""An app that reacts to ring events: a plugin hears joins, graceful leaves, failures, hand-offs and
+every change of the membership view.
 
 Run: python examples/ring_events.py
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from balancer import Config, Node, NodeInfo, hookimpl
+from balancer import Config, Member, Node, NodeInfo, hookimpl
 from balancer.plugin import plugin_manager
 
 
@@ -29,6 +30,11 @@ class Membership:
     @hookimpl
     def balancer_node_failed(self, node: NodeInfo, peer: NodeInfo) -> None:
         self.log.append(f"{node.address} stopped trusting {peer.address}")
+
+    @hookimpl
+    def balancer_membership_changed(self, node: NodeInfo, members: tuple[Member, ...]) -> None:
+        listed = ", ".join(f"{m.address} {m.state}" for m in members)
+        self.log.append(f"{node.address} knows the ring as: {listed}")
 
     @hookimpl
     def balancer_range_moved(self, node: NodeInfo, target: NodeInfo, records: int) -> None:
@@ -62,11 +68,11 @@ async def main() -> None:
     first = await Node(settings, pm=pm).start()
     second = await Node(settings, join=first.address, pm=pm).start()
     third = await Node(settings, join=first.address, pm=pm).start()
-    await until(lambda: all(len(n.view().successors) == 2 for n in (first, second, third)))
+    await until(lambda: all(len(n.members()) == 3 for n in (first, second, third)))
     for i in range(20):
         await first.put(f"item-{i}", b"x")
     await second.leave()
-    await until(lambda: second.address not in [s.address for s in first.view().successors])
+    await until(lambda: second.address not in [m.address for m in first.members()])
     await third.close()  # no goodbye: the first node finds out by itself
     await until(lambda: any("stopped trusting" in line for line in membership.log))
     await first.leave()

@@ -55,7 +55,7 @@ async def make_ring(network: LocalNetwork, pm: pluggy.PluginManager) -> AsyncIte
             nodes.append(node)
             for _ in range(2):
                 for member in nodes:
-                    await member.chord.stabilize()
+                    await member.ring.stabilize()
         await converge(nodes)
         return nodes
 

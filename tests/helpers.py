@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
 from balancer.node import Node
+from balancer.survey import exact
+from balancer.types import NodeInfo
 
 # Maintenance loops never fire by themselves in local-ring tests: the tests drive every step.
 QUIET = {"stabilize_interval": 3600.0, "fix_fingers_interval": 3600.0, "check_predecessor_interval": 3600.0}
@@ -20,19 +22,15 @@ SOLO: dict[str, Any] = {"replicas": 1, "write_quorum": 1, "read_quorum": 1}
 RingFactory = Callable[..., Awaitable[list[Node]]]
 
 
+def addresses(nodes: Iterable[NodeInfo]) -> set[str]:
+    """The processes ``nodes`` (vnodes) belong to."""
+    return {n.address for n in nodes}
+
+
 def ring_is_correct(nodes: list[Node]) -> bool:
-    """Every node's successor and predecessor are its true neighbours; successor lists ordered, distinct."""
-    ring = sorted(nodes, key=lambda n: n.info.id)
-    count = len(ring)
-    for i, node in enumerate(ring):
-        expected = [ring[(i + k) % count].info for k in range(1, min(node.config.successors, count - 1) + 1)]
-        if count == 1:
-            expected = [node.info]
-        if node.chord.successors != expected:
-            return False
-        if count > 1 and node.chord.predecessor != ring[i - 1].info:
-            return False
-    return True
+    """Every vnode's predecessor is its true neighbour and its successor list is exactly the next ids of
+    distinct processes (cut where the walk comes back to it), as the sorted ids of all nodes imply."""
+    return exact(v for node in nodes for v in node.ring.vnodes)
 
 
 async def converge(nodes: list[Node], rounds: int = 60) -> int:
@@ -43,11 +41,11 @@ async def converge(nodes: list[Node], rounds: int = 60) -> int:
     for done in range(rounds):
         if ring_is_correct(nodes):
             for node in nodes:
-                await node.chord.fix_fingers()
+                await node.ring.fix_all()
             return done
         for node in nodes:
-            await node.chord.check_predecessor()
-            await node.chord.stabilize()
+            await node.ring.check_predecessor()
+            await node.ring.stabilize()
     raise AssertionError(f"the ring did not converge in {rounds} rounds")
 
 

@@ -17,8 +17,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from balancer.keyspace import hash_key
-
 FAST = [
     "--stabilize-interval",
     "0.2",
@@ -102,10 +100,14 @@ class Cluster:
             proc.process.wait(timeout=10)
 
 
-async def status(session: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
-    """A node's /status, or None if it does not answer."""
+async def _json(
+    session: aiohttp.ClientSession, address: str, path: str, timeout: float
+) -> dict[str, Any] | None:
+    """A node's JSON object at ``path``, or None if it does not answer with one."""
     try:
-        async with session.get(f"http://{address}/status", timeout=aiohttp.ClientTimeout(total=1)) as resp:
+        async with session.get(
+            f"http://{address}{path}", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             if resp.status != 200:
                 return None
             data = orjson.loads(await resp.read())
@@ -114,29 +116,25 @@ async def status(session: aiohttp.ClientSession, address: str) -> dict[str, Any]
         return None
 
 
-async def ring_correct(session: aiohttp.ClientSession, addresses: list[str], r: int = 8) -> bool:
-    """Whether every node's predecessor and whole successor list (r long, or the rest of a smaller ring)
-    are its true neighbours by id: then every node computes the same replica sets."""
-    views = [await status(session, a) for a in addresses]
-    if any(v is None for v in views):
+async def status(session: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
+    """A node's /status, or None if it does not answer."""
+    return await _json(session, address, "/status", 1)
+
+
+async def ring_view(session: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
+    """A node's ``GET /ring`` (every member, as it surveys them now), or None if it does not answer."""
+    return await _json(session, address, "/ring", 5)
+
+
+async def ring_correct(session: aiohttp.ClientSession, addresses: list[str]) -> bool:
+    """Whether the ring of ``addresses`` has settled: the first one's survey finds exactly these processes
+    up (others only as down) and every vnode's successor list and predecessor exact, so that every node
+    computes the same replica sets."""
+    view = await ring_view(session, addresses[0])
+    if view is None or not view["settled"]:
         return False
-    ring = sorted(views, key=lambda v: int(v["id"], 16))  # type: ignore[index]
-    count = len(ring)
-    for i, view in enumerate(ring):
-        assert view is not None
-        expected = [ring[(i + k) % count]["address"] for k in range(1, min(r, count - 1) + 1)]  # type: ignore[index]
-        if count > 1 and view["successors"] != expected:
-            return False
-        if count > 1 and view["predecessor"] != ring[i - 1]["address"]:  # type: ignore[index]
-            return False
-    return True
-
-
-def owner(key: str, ids: dict[str, int]) -> str:
-    """The address that owns ``key`` on a ring whose members have ``ids`` (address -> id)."""
-    ident = hash_key(key)
-    ordered = sorted(ids.items(), key=lambda item: item[1])
-    return next((a for a, i in ordered if i >= ident), ordered[0][0])
+    up = {m["address"] for m in view["members"] if m["state"] != "down"}
+    return up == set(addresses) and all(m["state"] == "up" for m in view["members"] if m["address"] in up)
 
 
 def terminate(proc: Proc) -> int:

@@ -32,7 +32,7 @@ def test_bounded_loads_example() -> None:
 
 def test_ring_basics_example() -> None:
     out = run_example("ring_basics.py")
-    assert out.count(" -> ") == 2
+    assert out.count(" owns ") == 3
     assert "read through another node: written through" in out
     assert "after the others left, the first node holds: ['city:0', 'city:1', 'city:2']" in out
 

@@ -28,7 +28,7 @@ def test_format_id_pads_to_the_width_of_the_id_space() -> None:
 async def test_a_small_id_prints_padded_in_every_view(
     network: LocalNetwork, pm: pluggy.PluginManager, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = Config(transport="local", load_entrypoints=False).evolve(**QUIET, **SOLO)
+    config = Config(transport="local", load_entrypoints=False, vnodes=1).evolve(**QUIET, **SOLO)
     padded = "0000000000000abc"
     caplog.set_level(logging.INFO, logger="balancer.node")
     first = Node(config.evolve(node_id=0xABC), pm=pm, transport=LocalTransport(network))

@@ -32,7 +32,7 @@ class RingMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.network = LocalNetwork()
         self.pm = plugin_manager(load_entrypoints=False)
-        self.config = Config(transport="local", load_entrypoints=False, seed=1, **QUIET)  # type: ignore[arg-type]
+        self.config = Config(transport="local", load_entrypoints=False, seed=1, vnodes=4, **QUIET)  # type: ignore[arg-type]
         self.alive: list[Node] = []
         self.every: list[Node] = []
         self.crashed_since_repair = 0

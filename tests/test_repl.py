@@ -37,6 +37,7 @@ async def test_every_command(make_ring: RingFactory, pm: pluggy.PluginManager) -
             "dump all",
             "status",
             "ring",
+            "neighbours",
             "help",
             "",
             "exit",
@@ -50,7 +51,11 @@ async def test_every_command(make_ring: RingFactory, pm: pluggy.PluginManager) -
     dumps = [line for line in out if re.fullmatch(r"\d+ records here \(\d+ tombstones\)", line)]
     assert len(dumps) == 1
     assert any(line.startswith("predecessor") for line in out)
-    assert any("self" in line for line in out)
+    assert any("self" in line for line in out)  # neighbours
+    assert "3 processes, 96 vnodes, settled" in out  # ring: every member, surveyed
+    rows = [line.split() for line in out if line.startswith(tuple(n.address for n in nodes))]
+    assert sorted(row[0] for row in rows) == sorted(n.address for n in nodes)
+    assert all(row[1:3] == ["up", "32"] and row[-1].endswith("%") for row in rows)
     assert "get KEY: print the value stored under KEY." in out
     assert "never-reached" not in "".join(out)
     assert nodes[0].stopped  # exit leaves the ring

@@ -51,7 +51,7 @@ def _record(version: list[Any], key: bytes = b"k", value: bytes | None = b"v") -
         (wire.FindStep, {"id": "12"}, "Expected `int`"),
         (wire.Notify, {"node": [1, "no port"]}, "matching regex"),
         (wire.Notify, {"node": [1 << 64, "127.0.0.1:1"]}, "outside the 64-bit ring"),
-        (wire.Join, {"node": [1, "127.0.0.1:1"], "settings": {"bits": "64"}}, "Expected `int`"),
+        (wire.Join, {"node": [1, "127.0.0.1:1"], "settings": {"bits": [64]}}, "Expected `int | str`"),
         (wire.Leaving, {"node": [1, "127.0.0.1:1"], "successors": [[2, "x:1"]] * 65}, "length <= 64"),
         (wire.StoreAnswer, {"each": [[True, None], [False, [1, 1 << 64]]]}, "writer id"),
         (wire.ReadMany, {"keys": [_b64(b"k" * 17)]}, "key must be 1 to 16 bytes"),

@@ -2,8 +2,9 @@
 
 Internal RPCs are ``POST /rpc/<method>`` with a JSON object in and a JSON object out. When the node offers
 a :class:`~balancer.hookspecs.PublicApi`, it also serves ``GET``/``PUT``/``DELETE /kv/<key>`` (raw value
-bytes) and ``GET /status``. Every error answer is ``{"error": {"type": ..., "message": ...}}`` with the
-status from :data:`STATUS`; the client turns it back into the same balancer error where it can.
+bytes), ``GET /status`` and ``GET /ring``. Every error answer is
+``{"error": {"type": ..., "message": ...}}`` with the status from :data:`STATUS`; the client turns it back
+into the same balancer error where it can.
 
 Who may call ``/rpc/``: with a key to sign with (the cluster secret, or one derived from the API token,
 see :func:`~balancer.auth.rpc_secret`), a request signed for this node; with mutual TLS (``tls_ca`` and a
@@ -59,6 +60,7 @@ STATUS: dict[type[BaseException], int] = {
     errors.UnknownMethodError: 404,
     errors.TooLargeError: 413,
     errors.IncompatibleConfigError: 409,
+    errors.GoneError: 410,
     errors.UnauthorizedError: 401,
     errors.PeerUnreachableError: 503,
     errors.RingError: 503,
@@ -73,6 +75,7 @@ _REBUILD: dict[str, Callable[[str], BalancerError]] = {
         errors.BadRequestError,
         errors.ConfigError,
         errors.IncompatibleConfigError,
+        errors.GoneError,
         errors.RingError,
         errors.TooLargeError,
         errors.UnknownMethodError,
@@ -223,6 +226,11 @@ async def _delete(request: web.Request) -> web.Response:
 async def _status(request: web.Request) -> web.Response:
     _authorize(request)
     return _json(await request.app[_API].status())
+
+
+async def _ring(request: web.Request) -> web.Response:
+    _authorize(request)
+    return _json(await request.app[_API].ring_view())
 
 
 def server_ssl(config: Config) -> ssl.SSLContext | None:
@@ -386,6 +394,7 @@ class AiohttpTransport(Transport):
             app.router.add_put("/kv/{key:.*}", _put)
             app.router.add_delete("/kv/{key:.*}", _delete)
             app.router.add_get("/status", _status)
+            app.router.add_get("/ring", _ring)
             for route in api.routes():
                 app.router.add_route(route.method, route.path, _serve_route(route))
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.rpc_timeout)

@@ -95,8 +95,40 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def format_members(ring: dict[str, Any]) -> str:
+    """A ``GET /ring`` answer as a table: one row per process (like ``nodetool status``)."""
+    members = ring.get("members") or []
+    header = (
+        f"{ring.get('processes', len(members))} processes, {ring.get('vnodes', 0)} vnodes, "
+        f"{'settled' if ring.get('settled') else 'not settled (successor lists still changing)'}"
+    )
+    rows = [("address", "state", "vnodes", "weight", "records", "share")]
+    for m in members:
+        share = m.get("share")
+        records = m.get("records")
+        rows.append(
+            (
+                str(m.get("address")),
+                str(m.get("state")),
+                str(m.get("vnodes")),
+                f"{m.get('weight', 1):g}",
+                "-" if records is None else f"{records:,}",
+                "-" if share is None else f"{share:.1%}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join([header, *(line.rstrip() for line in lines)])
+
+
 def format_ring(node: Node) -> str:
-    """The ring members this node knows of, in ring order from itself, each with its role."""
+    """The nodes this node's first vnode points to, in ring order from itself, each with its role."""
     view = node.view()
     roles: dict[Any, list[str]] = {view.node: ["self"]}
     if view.predecessor is not None:
@@ -189,8 +221,14 @@ def balancer_repl_commands(cli: click.Group) -> None:
         session.say(format_status(await session.node.status()))
 
     @cli.command()
-    def ring() -> None:
-        """ring: the members this node knows, in ring order from itself."""
+    @pass_session
+    async def ring(session: Session) -> None:
+        """ring: every process of the ring: state, vnodes, weight, records, share of the keys."""
+        session.say(format_members(await session.node.ring_view()))
+
+    @cli.command()
+    def neighbours() -> None:
+        """neighbours: the nodes this node points to, in ring order from itself."""
         session = _session()
         session.say(format_ring(session.node))
 

@@ -261,10 +261,11 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) ->
 
 
 def _members(view: RingView) -> int:
+    """Processes this node knows (one per address: a process may hold several ring ids)."""
     known = {view.node, *view.successors, *view.fingers}
     if view.predecessor is not None:
         known.add(view.predecessor)
-    return len(known)
+    return len({node.address for node in known})
 
 
 def _render(view: RingView, records: int, metrics: NodeMetrics) -> str:
@@ -308,14 +309,14 @@ def _render(view: RingView, records: int, metrics: NodeMetrics) -> str:
         *_family(
             "balancer_ring_members",
             "gauge",
-            "Ring members this node knows: itself, its predecessor, successors and fingers.",
+            "Ring processes this node knows: itself, its predecessor, successors and fingers.",
             [("", me, _members(view))],
         ),
         *_family(
             "balancer_successor_list_length",
             "gauge",
-            "Length of this node's successor list (1, itself, when alone).",
-            [("", me, len(view.successors))],
+            "Other processes in this node's successor list (0 when alone).",
+            [("", me, len({s.address for s in view.successors} - {view.node.address}))],
         ),
         *_family(
             "balancer_ring_events_total",

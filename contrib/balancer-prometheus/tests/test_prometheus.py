@@ -247,7 +247,7 @@ async def test_a_node_serves_its_metrics() -> None:
     assert value(families, "balancer_node_info", id=format_id(node.info.id)) == 1
     assert value(families, "balancer_records") == 2
     assert value(families, "balancer_ring_members") == 1
-    assert value(families, "balancer_successor_list_length") == 1
+    assert value(families, "balancer_successor_list_length") == 0
     for event in ("joined", "left", "failed"):
         assert value(families, "balancer_ring_events_total", event=event) == 0
     assert value(families, "balancer_records_handed_off_total") == 0
@@ -268,8 +268,7 @@ async def test_a_ring_of_three_keeps_each_nodes_metrics_apart() -> None:
         first, second, third = nodes
 
         async def ring_formed() -> bool:
-            views = [n.view() for n in nodes]
-            return all(len(v.successors) == 2 and v.predecessor is not None for v in views)
+            return all(len(n.members()) == 3 for n in nodes)
 
         await eventually(ring_formed)
         keys = 20
@@ -283,11 +282,12 @@ async def test_a_ring_of_three_keeps_each_nodes_metrics_apart() -> None:
         await eventually(every_replica_written)
         async with aiohttp.ClientSession() as http:
             scraped = [await scrape(http, n) for n in nodes]
-            for node, families in zip(nodes, scraped, strict=True):
+            for node, families, later in zip(nodes, scraped, (2, 1, 0), strict=True):
                 assert value(families, "balancer_records") == keys
                 assert value(families, "balancer_ring_members") == 3
                 assert value(families, "balancer_successor_list_length") == 2
-                assert value(families, "balancer_ring_events_total", event="joined") >= 2
+                # once per process that joined after this one, or became a neighbour later (not per vnode)
+                assert later <= value(families, "balancer_ring_events_total", event="joined") <= 2
                 assert value(families, "balancer_ring_events_total", event="failed") == 0
                 puts = keys if node is second else 0
                 gets = 1 if node is third else 0
