@@ -8,18 +8,26 @@ backends, where the load is the number of requests in flight. If the owner is th
 handled here; otherwise it is proxied to the owner (bodies streamed both ways, hop-by-hop headers
 stripped) or, in ``"redirect"`` mode, answered with 307 to the owner.
 
+With a ring node and a ``load_factor``, the router balances instead over the ring's live members: a
+:class:`MemberBalancer` keeps a bounded-load balancer whose node names are the addresses of the members the
+node sees live, weighted by their ``weight``, and follows the node's ``balancer_membership_changed`` event,
+so a hot key's overflow spreads over the ring instead of piling onto its owner. Members that stay keep
+their loads when others join or leave. Until the node has a view (before it starts), the key's owner is
+looked up as without ``load_factor``.
+
 Every forwarded request carries ``X-Balancer-Hops``. With a ring, a receiver whose view names another
 owner forwards again, but a request already forwarded ``max_hops`` times is refused with 508, so two servers
-that disagree about an owner cannot bounce a request forever. With a balancer, the server that forwards a
-request has made the choice (and counts its load), so the receiver serves it, but only if the forward is
-proven: routers sharing a secret (``secret=``, or a ring node's cluster secret) add ``X-Balancer-Forwarded``,
-an HMAC over the hop count, method, destination, path and a timestamp. A hop count a client wrote itself
-is only counted for the loop guard and never makes a server skip routing; one that is not a small decimal
-number gets 400. An owner that cannot be
-reached gives 502, one that does not answer in time 504, both with a JSON error saying which.
+that disagree about an owner cannot bounce a request forever. With a balancer (static or over the ring's
+members), the server that forwards a request has made the choice (and counts its load), so the receiver
+serves it, but only if the forward is proven: routers sharing a secret (``secret=``, or a ring node's
+cluster secret) add ``X-Balancer-Forwarded``, an HMAC over the hop count, method, destination, path and a
+timestamp. A hop count a client wrote itself is only counted for the loop guard and never makes a server
+skip routing; one that is not a small decimal number gets 400. An owner that cannot be reached gives 502,
+one that does not answer in time 504, both with a JSON error saying which.
 
 Client side: :class:`BalancedSession` sends each request to the backend chosen by bounded-load consistent
-hashing of its key, and retries on the key's next candidate when a backend fails.
+hashing of its key, over a static list of backends or over a ring node's live members, and retries on the
+key's next candidate when a backend fails.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from types import TracebackType
@@ -40,10 +49,14 @@ from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 
 from balancer.auth import rpc_secret, sign
-from balancer.bounded import BoundedLoadBalancer, Lease
+from balancer.bounded import DEFAULT_LOAD_FACTOR, BoundedLoadBalancer, Lease, Move
 from balancer.errors import BadRequestError, BalancerError, CapacityError, ConfigError
+from balancer.hookspecs import hookimpl
+from balancer.types import Member, NodeInfo
 
 if TYPE_CHECKING:
+    from fractions import Fraction
+
     from balancer.node import Node
 
 __all__ = [
@@ -52,6 +65,7 @@ __all__ = [
     "KEY_HEADER",
     "ROUTER",
     "BalancedSession",
+    "MemberBalancer",
     "RingRouter",
     "default_key",
     "setup_routing",
@@ -120,13 +134,109 @@ def _error(status: int, kind: str, message: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+def _release(balancer: BoundedLoadBalancer, lease: Lease) -> None:
+    """Give ``lease`` back; a balancer whose last node left meanwhile has dropped it already."""
+    with contextlib.suppress(BalancerError):
+        balancer.release(lease)
+
+
+def _http_url(address: str) -> str:
+    return f"http://{address}"
+
+
+class MemberBalancer:
+    """A bounded-load balancer over a ring node's live members, by address, kept current as they change.
+
+    :attr:`balancer`'s node names are the addresses (``host:port``) of the members ``node`` sees live
+    (:attr:`Member.live <balancer.types.Member.live>`), weighted by their ``weight``. :meth:`start` fills
+    it from ``node.members()`` and registers this object as a plugin on ``node.pm``, so each
+    ``balancer_membership_changed`` event of ``node`` updates it; :meth:`stop` unregisters it. Only
+    ``node``'s own view counts: events of other nodes sharing its plugin manager are ignored.
+
+    Members that stay keep their loads; the load a departing member held is placed on the others (so a
+    lease taken on it is still released correctly). A member whose weight changes leaves and joins again.
+
+    :param node: the ring node whose view decides.
+    :param load_factor: the balancer's ``c``, in any form :func:`~balancer.bounded.parse_load_factor`
+        reads (``1.25``, ``125``, ``"125%"``, ``"inf"``).
+    """
+
+    def __init__(self, node: Node, *, load_factor: float | str | Fraction = DEFAULT_LOAD_FACTOR) -> None:
+        self.node = node
+        self.balancer = BoundedLoadBalancer(load_factor=load_factor)
+        """The balancer itself (empty until the node has a view); owned by this object."""
+        self._weights: dict[str, float] = {}
+        self._registered = False
+
+    @property
+    def started(self) -> bool:
+        """Whether this object follows the node's events (between :meth:`start` and :meth:`stop`)."""
+        return self._registered
+
+    def start(self) -> None:
+        """Follow the node: register on ``node.pm`` and take its current view. Does nothing if started."""
+        if self._registered:
+            return
+        self.node.pm.register(self)
+        self._registered = True
+        self.update(self.node.members())
+
+    def stop(self) -> None:
+        """Stop following the node: unregister from ``node.pm``. The balancer keeps its last view."""
+        if self._registered:
+            self.node.pm.unregister(self)
+            self._registered = False
+
+    def update(self, members: Iterable[Member]) -> list[Move]:
+        """Make the balancer's nodes the live members among ``members``; returns the loads this moved.
+
+        Members joining are added before members leaving are removed, so the load of a departing member
+        goes to the members of the new view.
+        """
+        wanted = {
+            m.address: m.weight
+            for m in members
+            if m.live and m.address and math.isfinite(m.weight) and m.weight > 0
+        }
+        lb = self.balancer
+        moves: list[Move] = []
+        for address, weight in wanted.items():
+            if address not in self._weights:
+                moves += lb.add_node(address, weight)
+        for address, weight in self._weights.items():
+            if address not in wanted:
+                moves += lb.remove_node(address)
+            elif wanted[address] != weight:
+                moves += lb.remove_node(address)
+                moves += lb.add_node(address, wanted[address])
+        if wanted != self._weights:
+            log.debug("balancing over %s", ", ".join(wanted) or "no members")
+        self._weights = wanted
+        return moves
+
+    @hookimpl
+    def balancer_membership_changed(self, node: NodeInfo, members: tuple[Member, ...]) -> None:
+        """Take ``members`` if they are the view of this object's node."""
+        if node.address == self._own_address():
+            self.update(members)
+
+    def _own_address(self) -> str | None:
+        try:
+            return self.node.address
+        except BalancerError:  # not started: no event can be its own
+            return None
+
+
 class RingRouter:
     """Routes requests to the owner of their key; see the module documentation.
 
     Exactly one of ``node`` (ownership from the ring) and ``balancer`` (ownership from bounded-load
     hashing over backend addresses, with requests in flight as the load) must be given.
 
-    :param node: a started ring node; the owner of a key is ``node.lookup(key).owner.address``.
+    :param node: a ring node; the owner of a key is ``node.lookup(key).owner.address``.
+    :param load_factor: with ``node``: balance over the ring's live members instead, with requests in
+        flight as the load and this load factor (any form :func:`~balancer.bounded.parse_load_factor`
+        reads); see :attr:`members`. ``None``: route to the key's owner.
     :param balancer: a balancer whose node names are backend addresses (``host:port``).
     :param local: this server's own address among the owners (a ring node's address by default); a
         request it owns is handled here. ``None`` with a balancer: every request is forwarded.
@@ -146,10 +256,11 @@ class RingRouter:
         self,
         *,
         node: Node | None = None,
+        load_factor: float | str | Fraction | None = None,
         balancer: BoundedLoadBalancer | None = None,
         local: str | None = None,
         key: Callable[[web.Request], str | None] = default_key,
-        backend_url: Callable[[str], str] = lambda address: f"http://{address}",
+        backend_url: Callable[[str], str] = _http_url,
         mode: Literal["proxy", "redirect"] = "proxy",
         timeout: float = 30.0,
         max_hops: int = 2,
@@ -159,12 +270,20 @@ class RingRouter:
     ) -> None:
         if (node is None) == (balancer is None):
             raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
+        if load_factor is not None and node is None:
+            raise ConfigError("load_factor= balances over a ring node's members: give it with node=")
         if mode not in ("proxy", "redirect"):
             raise ConfigError(f"mode must be 'proxy' or 'redirect', got {mode!r}")
         if max_hops < 1:
             raise ConfigError("max_hops must be at least 1")
         self.node = node
         self.balancer = balancer
+        self.members = (
+            MemberBalancer(node, load_factor=load_factor)
+            if node is not None and load_factor is not None
+            else None
+        )
+        """With ``node`` and ``load_factor``: the balancer over the ring's live members, else ``None``."""
         self.local = local
         self.key = key
         self.backend_url = backend_url
@@ -180,20 +299,34 @@ class RingRouter:
 
     async def owner(self, key: str) -> str:
         """The address of the node that owns ``key`` now (for a balancer: without counting a load)."""
-        if self.node is not None:
-            return (await self.node.lookup(key)).owner.address
-        assert self.balancer is not None
-        return self.balancer.peek(key)
+        balancer = self._balancer()
+        if balancer is not None:
+            return balancer.peek(key)
+        assert self.node is not None
+        return (await self.node.lookup(key)).owner.address
+
+    def _balancer(self) -> BoundedLoadBalancer | None:
+        """The balancer that decides now: the static one, or the members' once the node has a view."""
+        if self.members is not None and len(self.members.balancer):
+            return self.members.balancer
+        return self.balancer
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """``app.cleanup_ctx`` entry: one client session for the application's life."""
-        connector = aiohttp.TCPConnector(limit=self.connections)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        """``app.cleanup_ctx`` entry: one client session for the application's life, and with
+        ``load_factor`` the members' balancer following the node's membership events meanwhile."""
+        if self.members is not None:
+            self.members.start()
         try:
-            yield
+            connector = aiohttp.TCPConnector(limit=self.connections)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            try:
+                yield
+            finally:
+                session, self._session = self._session, None
+                await session.close()
         finally:
-            session, self._session = self._session, None
-            await session.close()
+            if self.members is not None:
+                self.members.stop()
 
     @property
     def middleware(self) -> Middleware:
@@ -209,11 +342,12 @@ class RingRouter:
             except BadRequestError as exc:
                 return _error(400, "BadRequestError", str(exc))
             local = self.local if self.local is not None or self.node is None else self.node.address
-            if self.balancer is not None:
-                if hops_done and self.local is not None and self._proven(request, hops_done):
+            balancer = self._balancer()
+            if balancer is not None:
+                if hops_done and local is not None and self._proven(request, hops_done, local):
                     # the server that forwarded it chose this one, counting the load there: serve it
                     return await handler(request)
-                return await self._balanced(request, handler, key, local, hops_done)
+                return await self._balanced(request, handler, balancer, key, local, hops_done)
             try:
                 owner = await self.owner(key)
             except BalancerError as exc:
@@ -224,9 +358,10 @@ class RingRouter:
 
         return route
 
-    def _proven(self, request: web.Request, hops: int) -> bool:
-        """Whether a router sharing the secret forwarded ``request`` here with this hop count, lately."""
-        if self.secret is None or self.local is None:
+    def _proven(self, request: web.Request, hops: int, local: str) -> bool:
+        """Whether a router sharing the secret forwarded ``request`` to ``local`` with this hop count,
+        lately."""
+        if self.secret is None:
             return False
         timestamp, _, proof = request.headers.get(FORWARDED_HEADER, "").partition(":")
         if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 16 and proof.isascii()):
@@ -234,16 +369,21 @@ class RingRouter:
         if abs(time.time() - int(timestamp) / 1000) > self.max_skew:
             return False
         expected = _forward_proof(
-            self.secret, hops, request.method, self.local, request.rel_url.path_qs, timestamp
+            self.secret, hops, request.method, local, request.rel_url.path_qs, timestamp
         )
         return hmac.compare_digest(expected, proof)
 
     async def _balanced(
-        self, request: web.Request, handler: WebHandler, key: str, local: str | None, hops: int
+        self,
+        request: web.Request,
+        handler: WebHandler,
+        balancer: BoundedLoadBalancer,
+        key: str,
+        local: str | None,
+        hops: int,
     ) -> web.StreamResponse:
-        assert self.balancer is not None
         try:
-            lease = Lease(key, self.balancer.acquire(key))
+            lease = Lease(key, balancer.acquire(key))
         except CapacityError as exc:
             return _error(503, "CapacityError", str(exc))
         except BalancerError as exc:
@@ -253,8 +393,7 @@ class RingRouter:
                 return await handler(request)
             return await self._send(request, lease.node, hops)
         finally:
-            with contextlib.suppress(BalancerError):
-                self.balancer.release(lease)
+            _release(balancer, lease)
 
     async def _send(self, request: web.Request, owner: str, hops: int) -> web.StreamResponse:
         target = self.backend_url(owner) + request.rel_url.path_qs
@@ -342,26 +481,35 @@ class _BalancedRequest:
     async def __aenter__(self) -> aiohttp.ClientResponse:
         method, path, key = self._args
         owner = self._session
+        balancer = owner.balancer
+        if owner.members is not None and not len(balancer):
+            # the node has no view yet: the key's owner, as the ring says (RingError before it starts)
+            address = (await owner.members.node.lookup(key)).owner.address
+            self._response = await owner.session.request(
+                method, owner.backend_url(address) + path, **self._kwargs
+            )
+            return self._response
         failed: list[str] = []
         last: BaseException | None = None
         for _ in range(owner.retries + 1):
             try:
-                lease = Lease(key, owner.balancer.acquire(key, exclude=failed))
+                lease = Lease(key, balancer.acquire(key, exclude=failed))
             except CapacityError:  # every backend not yet tried is full, or none is left
                 break
             try:
-                response = await owner.session.request(method, lease.node + path, **self._kwargs)
+                url = owner.backend_url(lease.node) + path
+                response = await owner.session.request(method, url, **self._kwargs)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                owner.balancer.release(lease)
+                _release(balancer, lease)
                 failed.append(lease.node)
                 last = exc
                 continue
             except BaseException:
-                owner.balancer.release(lease)
+                _release(balancer, lease)
                 raise
             if response.status in owner.retry_statuses and len(failed) < owner.retries:
                 response.release()
-                owner.balancer.release(lease)
+                _release(balancer, lease)
                 failed.append(lease.node)
                 continue
             self._lease, self._response = lease, response
@@ -374,28 +522,49 @@ class _BalancedRequest:
         if self._response is not None:
             self._response.release()
         if self._lease is not None:
-            self._session.balancer.release(self._lease)
+            _release(self._session.balancer, self._lease)
 
 
 class BalancedSession:
     """A client that sends each request to the backend that bounded-load hashing picks for its key.
 
-    ``backends`` are base URLs (``http://10.0.0.1:8080``), optionally with weights. A backend that
-    refuses the connection or times out (or answers one of ``retry_statuses``) is skipped and the
-    request retried on the key's next candidate, at most ``retries`` times. Each request holds one unit
-    of load on its backend from sending until the ``async with`` block ends. An async context manager.
+    The backends are either ``backends``, base URLs (``http://10.0.0.1:8080``) optionally with weights,
+    or the live members of the ring ``node`` sees, followed as they join and leave (see
+    :class:`MemberBalancer`; until the node has a view, a request goes to its key's owner). Exactly one of
+    the two must be given. A backend that refuses the connection or times out (or answers one of
+    ``retry_statuses``) is skipped and the request retried on the key's next candidate, at most
+    ``retries`` times. Each request holds one unit of load on its backend from sending until the
+    ``async with`` block ends. An async context manager; :meth:`close` it to stop following the node.
+
+    :param backend_url: the base URL of a backend from its name in the balancer: by default the name
+        itself for ``backends``, and ``http://{address}`` for a member's address with ``node``.
+    :param load_factor: the balancer's ``c``, in any form :func:`~balancer.bounded.parse_load_factor`
+        reads.
     """
 
     def __init__(
         self,
-        backends: Iterable[str] | Mapping[str, float],
+        backends: Iterable[str] | Mapping[str, float] | None = None,
         *,
-        load_factor: float = 1.25,
+        node: Node | None = None,
+        backend_url: Callable[[str], str] | None = None,
+        load_factor: float | str | Fraction = DEFAULT_LOAD_FACTOR,
         retries: int = 2,
         retry_statuses: Collection[int] = (502, 503, 504),
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.balancer = BoundedLoadBalancer(backends, load_factor=load_factor)
+        if (backends is None) == (node is None):
+            raise ConfigError("give exactly one of backends= (static base URLs) and node= (a ring's members)")
+        self.members = MemberBalancer(node, load_factor=load_factor) if node is not None else None
+        """With ``node``: what follows the ring's live members (started on first use), else ``None``."""
+        self.balancer = (
+            self.members.balancer
+            if self.members is not None
+            else BoundedLoadBalancer(backends or (), load_factor=load_factor)
+        )
+        """The balancer that picks backends; its node names go through :attr:`backend_url`."""
+        self.backend_url = backend_url or (_http_url if node is not None else str)
+        """Maps a balancer node name to its base URL."""
         self.retries = retries
         self.retry_statuses = frozenset(retry_statuses)
         self._own_session = session is None
@@ -410,6 +579,8 @@ class BalancedSession:
 
     def request(self, method: str, path: str, *, key: str, **kwargs: Any) -> _BalancedRequest:
         """``async with session.request("GET", "/users/42", key="42") as response: ...``"""
+        if self.members is not None:
+            self.members.start()
         return _BalancedRequest(self, method, path, key, kwargs)
 
     def get(self, path: str, *, key: str, **kwargs: Any) -> _BalancedRequest:
@@ -421,11 +592,15 @@ class BalancedSession:
         return self.request("POST", path, key=key, **kwargs)
 
     async def close(self) -> None:
-        """Close the underlying session if this object made it."""
+        """Stop following the node's members, and close the underlying session if this object made it."""
+        if self.members is not None:
+            self.members.stop()
         if self._own_session and self._session is not None:
             await self._session.close()
 
     async def __aenter__(self) -> Self:
+        if self.members is not None:
+            self.members.start()
         return self
 
     async def __aexit__(

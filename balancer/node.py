@@ -444,7 +444,13 @@ class Node(PublicApi):
         failed = {a: e for a, e in failed.items() if a not in self._departed}
         remembered = [m for m in self._members if m.address not in self._departed and m.state != "leaving"]
         status = status_of(
-            found, failed, self.space, self.config.successors, detector=self.detector, remembered=remembered
+            found,
+            failed,
+            self.space,
+            self.config.successors,
+            detector=self.detector,
+            remembered=remembered,
+            pointed=ring.pointed(),
         )
         self._set_members(status.members)
         return status

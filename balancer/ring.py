@@ -148,6 +148,15 @@ class Ring:
             raise GoneError(f"{self.address} holds no virtual node {format_id(ident, self.space.bits)}")
         return found
 
+    def pointed(self) -> set[str]:
+        """The other processes some local vnode points to (predecessor, successors, fingers)."""
+        return {
+            n.address
+            for v in self.vnodes
+            for n in (v.predecessor, *v.successors, *v.fingers)
+            if n is not None and n.address != self.address
+        }
+
     def settled(self) -> bool:
         """Whether every local vnode has a predecessor and a successor list (not necessarily exact)."""
         return all(v.predecessor is not None or v.successor == v.info for v in self.vnodes)

@@ -134,10 +134,12 @@ def status_of(
     *,
     detector: FailureDetector | None = None,
     remembered: Iterable[Member] = (),
+    pointed: Iterable[str] = (),
 ) -> RingStatus:
     """The :class:`RingStatus` of a survey. Processes that did not answer, and ``remembered`` ones (from
-    earlier surveys) that nobody names any more, are listed as down (suspect if the failure detector only
-    suspects them); they own nothing, since their successors took their ranges over."""
+    earlier surveys) that nobody names any more, are listed as down; they own nothing, since their
+    successors took their ranges over. One that did not answer in time but that the routing state still
+    points to (``pointed``: it is not declared failed) is only suspect: slow is not dead."""
     owners = {ident: d.address for d in found.values() for ident, _ in d.vnodes}
     shares = ownership(owners, space) if owners else {}
     ids = sorted(owners)
@@ -160,12 +162,15 @@ def status_of(
             shares.get(address, 0) / space.size,
         )
     earlier = {m.address: m for m in remembered}
+    still = set(pointed)
     for address in [*failed, *earlier]:
         if address in members:
             continue
         exc = failed.get(address)
         refused = isinstance(exc, PeerUnreachableError) and exc.refused
-        only_suspect = detector is not None and detector.suspect(address) and not detector.failed(address)
+        only_suspect = address in still or (
+            detector is not None and detector.suspect(address) and not detector.failed(address)
+        )
         before = earlier.get(address)
         members[address] = Member(
             address,

@@ -4,92 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import RingApps, Setup, bound_socket, get_json, http_ring, servers
 
 from balancer import BoundedLoadBalancer, Config, Lookup, Node, NodeInfo
 from balancer.errors import ConfigError
 from balancer.middleware import FORWARDED_HEADER, HOPS_HEADER, BalancedSession, RingRouter, setup_routing
-
-Setup = Callable[[web.Application, str], None]
-
-
-def bound_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-class Backend:
-    """One application server: records what it served and how many requests it held at once."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.served: list[str] = []
-        self.in_flight = 0
-        self.peak = 0
-        self.gate: asyncio.Event | None = None
-
-    def app(self, setup: Setup | None) -> web.Application:
-        app = web.Application()
-        if setup is not None:
-            setup(app, self.address)
-        app.router.add_get("/items/{key}", self.item)
-        app.router.add_post("/echo/{key}", self.echo)
-        app.router.add_get("/plain", self.plain)
-        return app
-
-    async def item(self, request: web.Request) -> web.Response:
-        key = request.match_info["key"]
-        self.served.append(key)
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            return web.json_response(
-                {"served_by": self.address, "key": key, "hops": request.headers.get(HOPS_HEADER, "0")}
-            )
-        finally:
-            self.in_flight -= 1
-
-    async def echo(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"X-Backend": self.address})
-        await response.prepare(request)
-        async for chunk in request.content.iter_chunked(1 << 15):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-    async def plain(self, request: web.Request) -> web.Response:
-        return web.Response(text=f"plain from {self.address}")
-
-
-@asynccontextmanager
-async def servers(count: int, setup: Callable[[list[str]], Setup | None]) -> AsyncIterator[list[Backend]]:
-    """``count`` backends on pre-bound loopback sockets; ``setup(addresses)`` installs routing on each."""
-    sockets = [bound_socket() for _ in range(count)]
-    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    backends = [Backend(a) for a in addresses]
-    runners = []
-    try:
-        for backend, sock in zip(backends, sockets, strict=True):
-            runner = web.AppRunner(backend.app(setup(addresses)))
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-            runners.append(runner)
-        yield backends
-    finally:
-        for runner in runners:
-            await runner.cleanup()
-        for sock in sockets:
-            sock.close()
 
 
 def by_balancer(addresses: list[str], **options: Any) -> Setup:
@@ -97,11 +22,6 @@ def by_balancer(addresses: list[str], **options: Any) -> Setup:
         setup_routing(app, balancer=BoundedLoadBalancer(addresses), local=me, **options)
 
     return install
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as resp:
-        return resp.status, await resp.json()
 
 
 async def test_each_key_reaches_its_owner() -> None:
@@ -312,39 +232,15 @@ async def test_a_slow_owner_gives_504() -> None:
 
 
 async def test_routing_by_a_ring_node() -> None:
-    config = Config(
-        load_entrypoints=False, stabilize_interval=0.05, replicas=1, write_quorum=1, read_quorum=1
-    )
-    nodes: list[Node] = []
-    try:
-        for _ in range(3):
-            node = Node(config, join=nodes[0].address if nodes else None)
-            nodes.append(await node.start())
-        deadline = asyncio.get_running_loop().time() + 10
-        while any(len(n.view().successors) < 2 for n in nodes):
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
-        app_of: dict[str, str] = {}
-
-        def install(addresses: list[str]) -> Setup:
-            app_of.update({n.address: a for n, a in zip(nodes, addresses, strict=True)})
-
-            def setup(app: web.Application, me: str) -> None:
-                node = next(n for n in nodes if app_of[n.address] == me)
-                setup_routing(app, node=node, backend_url=lambda address: f"http://{app_of[address]}")
-
-            return setup
-
-        async with servers(3, install) as backends, aiohttp.ClientSession() as http:
+    async with http_ring(3) as nodes:
+        apps = RingApps(nodes)
+        async with servers(3, apps) as backends, aiohttp.ClientSession() as http:
             for i in range(30):
                 key = f"ring-{i}"
                 owner = (await nodes[0].lookup(key)).owner.address
                 status, body = await get_json(http, f"http://{backends[i % 3].address}/items/{key}")
                 assert status == 200
-                assert body["served_by"] == app_of[owner]
-    finally:
-        for node in nodes:
-            await node.close()
+                assert f"http://{body['served_by']}" == apps.url(owner)
 
 
 async def test_balanced_session_retries_the_next_candidate() -> None:
