@@ -68,6 +68,25 @@ def test_lookup_benchmark_runs_small() -> None:
     assert "| 64 | fingers alone | 200 |" in out
 
 
+def test_balance_benchmark_runs_small() -> None:
+    out = run_script(
+        BENCHMARKS / "balance.py",
+        *("--keys", "3000", "--sizes", "3,10", "--vnodes", "1,32", "--processes", "3"),
+        *("--live-vnodes", "1,8", "--lookups", "50", "--rounds", "4"),
+    )
+    for heading in (
+        "### 1. Keys owned",
+        "### 2. Keys moved",
+        "### 3. Maintenance traffic",
+        "### 4. Lookup hops",
+    ):
+        assert heading in out
+    assert "| 10 | 32 |" in out  # a placed ring's rows in tables 1 and 2
+    assert "| 3 | 8 | 4 |" in out  # the live ring's traffic row: 3 processes, V = 8, 4 rounds
+    assert "target: keys max/mean <= 1.25 at 3 processes, V = 32: met" in out
+    assert "CHECK FAILED" not in out
+
+
 def test_faults_benchmark_runs_small() -> None:
     out = run_script(BENCHMARKS / "faults.py", "--nodes", "6", "--keys", "120")
     assert "acknowledged writes lost: 0" in out
