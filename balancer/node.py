@@ -435,6 +435,7 @@ class Node(PublicApi):
         records and share of the key space, and whether the ring has settled. Updates :meth:`members`."""
         ring = self.ring
         start = [ring.address, *(m.address for m in self._members if m.address != ring.address)]
+        epoch = ring.epoch
         found, failed = await survey(self._describe, start)
         back = {a for a, d in found.items() if not d.leaving}
         self._departed -= back  # back after leaving
@@ -453,6 +454,8 @@ class Node(PublicApi):
             pointed=ring.pointed(),
         )
         self._set_members(status.members)
+        if status.settled and not failed:  # a small settled ring: lookups answer from the whole map
+            ring.adopt_map({i: d.address for d in found.values() for i, _ in d.vnodes}, epoch)
         return status
 
     def _set_members(self, members: tuple[Member, ...]) -> None:
@@ -625,7 +628,9 @@ class Node(PublicApi):
                 log.exception("%s: the maintenance pass failed; it will run again", self.chord.info)
 
     async def _surveyor(self) -> None:
-        """Survey the ring soon after any change this node sees, and every ``survey_interval``."""
+        """Survey the ring soon after any change this node sees, and every ``survey_interval``; a ring of
+        at most r processes that has not settled yet is surveyed again soon (it is cheap, and a settled
+        small ring answers every lookup locally: see :meth:`Ring.adopt_map`)."""
         jitter = self.config.jitter
         while True:
             period = self.config.survey_interval * self._random.uniform(1 - jitter, 1 + jitter)
@@ -635,7 +640,9 @@ class Node(PublicApi):
                 await asyncio.sleep(2 * self.config.stabilize_interval)  # one change often brings more
             self._survey_due.clear()
             try:
-                await self.ring_status()
+                status = await self.ring_status()
+                if not status.settled and len(status.members) <= self.config.successors:
+                    self._survey_due.set()  # a small ring settles in a few rounds: look again soon
             except BalancerError as exc:
                 log.info("%s: surveying the ring failed: %s", self.ring.info, exc)
             except Exception:

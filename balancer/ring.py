@@ -13,9 +13,11 @@ module puts them behind one address:
   range, its successor's, or a range learned from a recent lookup) is answered without a message;
   otherwise the walk starts from the closest node any local vnode knows of. A remote step is answered
   the same way, so a hop is one network message to one process.
-- **Bounded maintenance.** One task stabilizes every vnode at once: their calls to the same process in
-  the same turn travel as one ``chord.batch`` message, so a round costs about two messages per
-  neighbouring process, not per vnode. Finger tables are refreshed one vnode per round, round robin.
+- **Bounded maintenance.** One task stabilizes the vnodes at once: their calls to the same process in
+  the same turn travel as one ``chord.batch`` message, and a round takes only the vnodes whose
+  neighbours are among :data:`NEIGHBOURS_PER_ROUND` processes (round robin), so a round costs at most
+  two messages to each of eight processes however many vnodes there are. Finger tables are refreshed
+  one vnode per round, round robin.
 - **A process fails as a whole.** When a peer is declared failed, every local vnode forgets every id of
   that peer's process at once.
 """
@@ -37,7 +39,7 @@ from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
 from balancer.types import Lookup, NodeInfo, format_id
 
-__all__ = ["BATCHED", "Ring"]
+__all__ = ["BATCHED", "NEIGHBOURS_PER_ROUND", "Ring"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ BATCHED = frozenset({"chord.state", "chord.notify", "chord.ping"})
 """Maintenance calls that share one ``chord.batch`` message with others to the same process."""
 
 _CLOSER = 32  # most closer nodes one find step names
+
+NEIGHBOURS_PER_ROUND = 8
+"""Most other processes one maintenance round of a process sends to (stabilize: a state and a notify
+message to each; check_predecessor: one ping message to each). With more vnodes than that, the round
+robin visits every vnode within a few rounds."""
 
 
 def _rebuild(kind: str, message: str) -> BalancerError:
@@ -121,7 +128,12 @@ class Ring:
         self._route_ends: list[int] = []  # learned ranges (start, end] by end, and their successors
         self._routes: dict[int, tuple[int, tuple[NodeInfo, ...]]] = {}
         self._routes_until = 0.0
+        self._map_ids: list[int] = []  # the whole ring, from a settled survey (see adopt_map)
+        self._map_nodes: list[NodeInfo] = []
+        self.epoch = 0
+        """Counts the changes this process has seen; a survey's map is taken only if none happened."""
         self._next_fingers = 0
+        self._cursors: dict[str, int] = {}  # where the next round of each kind starts
         self._settling: asyncio.Future[int] | None = None
 
     # -- the view ---------------------------------------------------------------------------------
@@ -235,6 +247,8 @@ class Ring:
         done = before._answer(ident)
         if done is not None:
             return before.info.id, done
+        if learned and self._map_ids:
+            return self._map_answer(ident)
         if learned and self._route_ends:
             if time.monotonic() > self._routes_until:
                 self.forget_routes()
@@ -256,9 +270,30 @@ class Ring:
         self._routes[end] = (after, tuple(successors))
 
     def forget_routes(self) -> None:
-        """Drop every range learned from lookups (the ring changed)."""
+        """Drop every range learned from lookups and the whole-ring map (the ring changed)."""
         self._routes.clear()
         self._route_ends.clear()
+        self._map_ids, self._map_nodes = [], []
+        self.epoch += 1
+
+    def adopt_map(self, owners: dict[int, str], epoch: int) -> bool:
+        """Answer lookups from ``owners`` (every id of the ring and its process, from a survey that
+        found the ring settled) until the ring changes. Only a ring of at most r processes is taken:
+        there every process is in every successor list, so every change reaches every process and drops
+        the map at once. ``epoch`` is :attr:`epoch` when the survey started; a change since then makes
+        the map stale, and it is not taken. Returns whether it was."""
+        if epoch != self.epoch or len(set(owners.values())) > self.r or not owners:
+            return False
+        self._map_ids = sorted(owners)
+        self._map_nodes = [NodeInfo(i, owners[i]) for i in self._map_ids]
+        return True
+
+    def _map_answer(self, ident: int) -> tuple[int, list[NodeInfo]]:
+        ids, nodes = self._map_ids, self._map_nodes
+        index = bisect.bisect_left(ids, ident)
+        count = len(ids)
+        walk = (nodes[(index + k) % count] for k in range(count))
+        return ids[(index - 1) % count], distinct(walk, self.r + 1)
 
     def _closest_preceding(self, ident: int, limit: int = _CLOSER) -> list[NodeInfo]:
         """Remote nodes any local vnode knows, strictly between the closest local vnode before
@@ -384,21 +419,47 @@ class Ring:
         for rounds in range(1, self.r + 1):
             before = [(v.predecessor, tuple(v.successors)) for v in self.vnodes]
             with contextlib.suppress(BalancerError):
-                await self.stabilize()
+                await self.stabilize(every=True)
             if before == [(v.predecessor, tuple(v.successors)) for v in self.vnodes]:
                 return rounds
         return self.r
 
-    async def stabilize(self) -> None:
-        """Stabilize every vnode at once (their calls to one process share a message)."""
+    async def stabilize(self, *, every: bool = False) -> None:
+        """Stabilize vnodes at once (their calls to one process share a message): those whose successor
+        is this process or one of :data:`NEIGHBOURS_PER_ROUND` other processes, taken round robin, so a
+        round costs a bounded number of messages however many vnodes there are; ``every`` vnode when
+        asked (joining, settling)."""
         try:
-            await self._each(lambda v: v.stabilize())
+            chosen = self.vnodes if every else self._round(lambda v: v.successor, "stabilize")
+            await self._each(lambda v: v.stabilize(), chosen)
         finally:
             self._known_dirty = True
 
     async def check_predecessor(self) -> None:
-        """Check every vnode's predecessor (pings to one process share a message)."""
-        await self._each(lambda v: v.check_predecessor())
+        """Check vnodes' predecessors, as many as :meth:`stabilize` takes (pings to one process share a
+        message)."""
+        await self._each(lambda v: v.check_predecessor(), self._round(lambda v: v.predecessor, "ping"))
+
+    def _round(self, neighbour: Callable[[Chord], NodeInfo | None], cursor: str) -> list[Chord]:
+        """The vnodes of this round: from where the last round of this kind stopped, every vnode whose
+        ``neighbour`` is local, missing, or at a process already chosen, until NEIGHBOURS_PER_ROUND
+        processes are chosen; the first vnode left out starts the next round."""
+        count = len(self.vnodes)
+        start = self._cursors.get(cursor, 0)
+        chosen: list[Chord] = []
+        processes: set[str] = set()
+        resume = start
+        for k in range(count):
+            vnode = self.vnodes[(start + k) % count]
+            peer = neighbour(vnode)
+            if peer is not None and peer.address != self.address and peer.address not in processes:
+                if len(processes) == NEIGHBOURS_PER_ROUND:
+                    resume = (start + k) % count
+                    break
+                processes.add(peer.address)
+            chosen.append(vnode)
+        self._cursors[cursor] = resume
+        return chosen
 
     async def fix_fingers(self) -> int:
         """Refresh one vnode's finger table (round robin); returns the lookups it needed."""
@@ -416,8 +477,8 @@ class Ring:
         self._known_dirty = True
         return lookups
 
-    async def _each(self, step: Callable[[Chord], Awaitable[object]]) -> None:
-        results = await asyncio.gather(*(step(v) for v in self.vnodes), return_exceptions=True)
+    async def _each(self, step: Callable[[Chord], Awaitable[object]], vnodes: Sequence[Chord]) -> None:
+        results = await asyncio.gather(*(step(v) for v in vnodes), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result

@@ -26,7 +26,8 @@ network. For every V (``--vnodes``, default 1, 8, 16, 32) and ring size N (``--s
    step sent (``LocalNetwork.calls``) become RPCs per node per second at the default intervals. Calls
    between vnodes of one process never touch the network, and calls to one process in the same turn
    travel as one ``chord.batch`` message. A second table predicts the stabilize + check_predecessor
-   messages of larger rings from the placed ids of section 1 (one batch per neighbouring process).
+   messages of larger rings from the placed ids of section 1 (one batch per neighbouring process, at
+   most ``NEIGHBOURS_PER_ROUND`` processes a round).
 4. Mean hops (network messages) of ``node.lookup(key)`` from random processes of that live ring, against
    0.5·log2 N (N = processes), each lookup forgetting the ranges learned from earlier ones; and the mean
    of a burst of lookups that keeps them (a node forgets them at every stabilize).
@@ -73,7 +74,7 @@ from balancer.keyspace import KeySpace
 from balancer.node import Node
 from balancer.plugin import plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
-from balancer.ring import Ring
+from balancer.ring import NEIGHBOURS_PER_ROUND, Ring
 from balancer.survey import expected_successors
 from balancer.types import NodeInfo
 from balancer.vnodes import allocate_ids, derived_ids, ownership
@@ -813,7 +814,8 @@ def print_traffic(
             "RPCs each step sent are counted (LocalNetwork.calls). Calls between vnodes of one process do "
             "not touch the network; calls to one process in the same turn travel as one chord.batch. "
             "Predicted = 2 per neighbouring successor process / stabilize period + 1 per neighbouring "
-            "predecessor process / check_predecessor period, from the ids alone.\n"
+            "predecessor process / check_predecessor period (at most "
+            f"{NEIGHBOURS_PER_ROUND} processes a round), from the ids alone.\n"
         )
         table(head, lines)
         methods = list(dict.fromkeys(m for r in live for m in r["methods"]))
@@ -844,9 +846,11 @@ def print_traffic(
 
 
 def predicted(row: Mapping[str, Any]) -> float:
-    """Stabilize + check_predecessor messages per node per second a row's neighbour counts imply."""
-    stabilize = 2 * float(row["successor_processes"]) / PERIODS["stabilize"]
-    return stabilize + float(row["predecessor_processes"]) / PERIODS["check_predecessor"]
+    """Stabilize + check_predecessor messages per node per second a row's neighbour counts imply: one
+    batch per neighbouring process, at most NEIGHBOURS_PER_ROUND processes a round (balancer.ring)."""
+    successors = min(float(row["successor_processes"]), NEIGHBOURS_PER_ROUND)
+    predecessors = min(float(row["predecessor_processes"]), NEIGHBOURS_PER_ROUND)
+    return 2 * successors / PERIODS["stabilize"] + predecessors / PERIODS["check_predecessor"]
 
 
 def print_hops(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]) -> None:

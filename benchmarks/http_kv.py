@@ -10,9 +10,9 @@ busy for ``--seconds`` (10) per run, after a ``--warmup`` (1 s) whose figures ar
 - *1 node*: ``balancer node --ring --replicas 1 --write-quorum 1 --read-quorum 1 --no-plugins``:
   ``GET /kv/{key}`` on keys written beforehand (values of ``--value-bytes``), then ``PUT /kv/{key}``;
 - *3-node ring*: three ``balancer node`` processes with the defaults N = 3, W = 2, R = 2 (one creates the
-  ring, two join it; measured once every node's predecessor and first two successors are right):
+  ring, two join it; measured once the ring has settled, as ``GET /ring`` reports it):
   ``GET`` and then ``PUT /kv/{key}``, all sent to the node that created the ring. Ports are drawn from
-  the seed, so node ids, and which keys the entry node can look up without an RPC (printed), repeat.
+  the seed, so node ids repeat (a settled ring of three answers every lookup without an RPC).
 
 Printed: requests per second, p50 and p99 latency, failed requests (socket errors, timeouts, answers of
 status 400 or more: a GET of a key that was not written counts), the CPU each group of processes used
@@ -99,16 +99,13 @@ def node_command(port: int, join: str | None, n: int, w: int, r: int) -> list[st
 
 
 def ring_formed(addresses: Sequence[str]) -> bool:
-    """Whether every node has a predecessor and the others as its first successors."""
-    for address in addresses:
-        reply = http_get(f"http://{address}/status", timeout=0.5)
-        if reply is None or reply[0] != 200:
-            return False
-        status = json.loads(reply[1])
-        others = {a for a in addresses if a != address}
-        if status["predecessor"] is None or set(status["successors"][: len(others)]) != others:
-            return False
-    return True
+    """Whether the ring has settled (``GET /ring``: every successor list exact) with every node up."""
+    reply = http_get(f"http://{addresses[0]}/ring", timeout=2)
+    if reply is None or reply[0] != 200:
+        return False
+    view = json.loads(reply[1])
+    states = {m["address"]: m["state"] for m in view["members"]}
+    return bool(view["settled"]) and states == dict.fromkeys(addresses, "up")
 
 
 async def prewrite(address: str, keys: Sequence[str], value: bytes, timeout: float) -> None:
