@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import functools
 import logging
@@ -205,16 +206,24 @@ class _Placement:
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
-        self.known: list[tuple[int, int, tuple[NodeInfo, ...]]] = []
+        self.ends: list[int] = []  # owners' ids, sorted; each with the widest range seen ending there
+        self.known: dict[int, tuple[int, tuple[NodeInfo, ...]]] = {}
 
     async def successors(self, ident: int) -> tuple[NodeInfo, ...]:
         size = self.ring.space.size
-        for start, end, nodes in self.known:
+        if self.ends:  # the only range that can hold ident ends at the first owner at or after it
+            end = self.ends[bisect.bisect_left(self.ends, ident) % len(self.ends)]
+            start, nodes = self.known[end]
             if in_interval(ident, start, end, size, left_closed=True, right_closed=True):
                 return nodes
         found = await self.ring.find_successor(ident)
         nodes = found.successors or (found.owner,)
-        self.known.append((ident, found.owner.id, nodes))
+        end = found.owner.id
+        if end not in self.known:
+            bisect.insort(self.ends, end)
+            self.known[end] = (ident, nodes)
+        elif in_interval(self.known[end][0], ident, end, size, left_closed=True, right_closed=True):
+            self.known[end] = (ident, nodes)  # reaches further back than the range known so far
         return nodes
 
 

@@ -130,6 +130,7 @@ class Ring:
         self._routes_until = 0.0
         self._map_ids: list[int] = []  # the whole ring, from a settled survey (see adopt_map)
         self._map_nodes: list[NodeInfo] = []
+        self._map_processes = 0
         self.epoch = 0
         """Counts the changes this process has seen; a survey's map is taken only if none happened."""
         self._next_fingers = 0
@@ -270,11 +271,9 @@ class Ring:
         self._routes[end] = (after, tuple(successors))
 
     def forget_routes(self) -> None:
-        """Drop every range learned from lookups and the whole-ring map (the ring changed)."""
+        """Drop every range learned from lookups (they expired, or the ring changed)."""
         self._routes.clear()
         self._route_ends.clear()
-        self._map_ids, self._map_nodes = [], []
-        self.epoch += 1
 
     def adopt_map(self, owners: dict[int, str], epoch: int) -> bool:
         """Answer lookups from ``owners`` (every id of the ring and its process, from a survey that
@@ -286,14 +285,15 @@ class Ring:
             return False
         self._map_ids = sorted(owners)
         self._map_nodes = [NodeInfo(i, owners[i]) for i in self._map_ids]
+        self._map_processes = len(set(owners.values()))
         return True
 
     def _map_answer(self, ident: int) -> tuple[int, list[NodeInfo]]:
         ids, nodes = self._map_ids, self._map_nodes
         index = bisect.bisect_left(ids, ident)
         count = len(ids)
-        walk = (nodes[(index + k) % count] for k in range(count))
-        return ids[(index - 1) % count], distinct(walk, self.r + 1)
+        walk = (nodes[(index + k) % count] for k in range(count))  # stops once every process is named
+        return ids[(index - 1) % count], distinct(walk, min(self.r + 1, self._map_processes))
 
     def _closest_preceding(self, ident: int, limit: int = _CLOSER) -> list[NodeInfo]:
         """Remote nodes any local vnode knows, strictly between the closest local vnode before
@@ -362,8 +362,11 @@ class Ring:
             self._on_event(event, peer)
 
     def _changed(self) -> None:
+        """The ring changed here: what was learned about it, and the whole-ring map, may be stale."""
         self._known_dirty = True
         self.forget_routes()
+        self._map_ids, self._map_nodes = [], []
+        self.epoch += 1
 
     # -- joining, maintenance, leaving ------------------------------------------------------------
 
