@@ -52,6 +52,7 @@ __all__ = [
     "UnauthorizedError",
     "UnknownMethodError",
     "UnknownNodeError",
+    "rebuild",
 ]
 
 
@@ -200,3 +201,25 @@ class StaleRequestError(UnauthorizedError):
     """A signed request is older than the receiver's start (HTTP 401): it may be a replay from before a
     restart. A sender whose clock is a little behind a node that just started gets it too; a freshly
     signed request, a moment later, passes."""
+
+
+_REBUILT: tuple[type[BalancerError], ...] = (
+    BadRequestError,
+    ConfigError,
+    IncompatibleConfigError,
+    GoneError,
+    RingError,
+    TooLargeError,
+    UnknownMethodError,
+    UnauthorizedError,
+    StaleRequestError,
+)
+
+
+def rebuild(kind: str, message: str, status: int = 500) -> BalancerError:
+    """The error a peer answered with (its class name ``kind`` and its message), raised again on this
+    side as the same class where it can be rebuilt from the message alone, else as :class:`RemoteError`."""
+    if kind == "KeyNotFoundError":
+        return KeyNotFoundError(message.removeprefix("not found: "))
+    cls = next((c for c in _REBUILT if c.__name__ == kind), None)
+    return cls(message) if cls is not None else RemoteError(kind, message, status)

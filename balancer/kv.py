@@ -27,12 +27,13 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from balancer import wire
+from balancer.batching import Batcher
 from balancer.chord import Call, distinct
 from balancer.config import Config
 from balancer.errors import (
@@ -59,8 +60,6 @@ BUCKET_BITS = 6
 
 _COUNTER_BITS = 16
 
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 Stored = tuple[bool, Version | None]
 """A store's result for one record: kept, or the greater version that beat it."""
 
@@ -146,59 +145,6 @@ class Maintenance:
     """Peers that did not answer."""
 
 
-class _Batcher(Generic[Item, Result]):
-    """Requests to one peer made in the same turn of the event loop travel in one RPC.
-
-    Under load many client requests wait on the same replica at once; one message for all of them
-    spreads the cost of an HTTP request over the batch. A lone request goes out on the next turn, alone.
-    ``send(items)`` makes the RPC and returns one result per item; ``split`` cuts a turn's items into
-    messages of bounded size, keeping their order and cutting only between them.
-    """
-
-    def __init__(
-        self,
-        send: Callable[[list[Item]], Awaitable[list[Result]]],
-        split: Callable[[list[Item]], list[list[Item]]] = lambda items: [items],
-    ) -> None:
-        self._send = send
-        self._split = split
-        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
-
-    def submit(self, item: Item) -> asyncio.Future[Result]:
-        """A future for ``item``'s result."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Result] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((item, future))
-        return future
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        start = 0
-        for chunk in self._split([item for item, _ in pending]):
-            futures = [future for _, future in pending[start : start + len(chunk)]]
-            start += len(chunk)
-            task = asyncio.ensure_future(self._deliver(chunk, futures))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _deliver(self, items: list[Item], futures: list[asyncio.Future[Result]]) -> None:
-        try:
-            results = await self._send(items)
-            if len(results) != len(items):
-                raise BadRequestError("a batched answer does not have one result per request")
-        except Exception as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for future, result in zip(futures, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-
 class _Placement:
     """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
@@ -259,8 +205,8 @@ class KVService:
         self._background: set[asyncio.Future[Any]] = set()
         self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
         self._placed = False  # whether a maintenance pass has filled _shared yet
-        self._readers: dict[str, _Batcher[bytes, Record | None]] = {}
-        self._writers: dict[str, _Batcher[Record, Stored]] = {}
+        self._readers: dict[str, Batcher[bytes, Record | None]] = {}
+        self._writers: dict[str, Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
 
     # -- keys and values --------------------------------------------------------------------------
@@ -327,27 +273,14 @@ class KVService:
         fallbacks = [n for n in distinct(after, len(after)) if n.address not in taken]
         return replicas[:wanted], fallbacks
 
-    async def _enough(self, key: bytes, need: int) -> tuple[list[NodeInfo], list[NodeInfo]]:
-        """The key's replicas and fallbacks; if they are fewer processes than ``need``, this node's view
-        may be behind a join (its vnodes learn a newcomer by stabilizing): stabilize now, up to r rounds,
-        before the caller gives up on a quorum."""
-        replicas, fallbacks = await self.replica_set(key)
-        for _ in range(self.config.successors):
-            if len(replicas) + len(fallbacks) >= need:
-                break
-            with contextlib.suppress(BalancerError):
-                await self.ring.stabilize()
-            replicas, fallbacks = await self.replica_set(key)
-        return replicas, fallbacks
-
     async def read(self, key: bytes) -> Record | None:
         """The newest record R replicas hold for ``key`` (tombstones included), or ``None``.
 
         Replicas that answered with an older version, or none, are repaired in the background. Raises
         :class:`QuorumError` if fewer than R replicas answer.
         """
+        replicas, fallbacks = await self.replica_set(key)
         need = self.config.read_quorum  # never fewer: a node that lost sight of its peers must not answer
-        replicas, fallbacks = await self._enough(key, need)
         me = self.ring.address
         answers: dict[NodeInfo, Record | None] = {}
         for node in replicas:
@@ -399,8 +332,8 @@ class KVService:
 
         Returns once W replicas stored it; raises :class:`QuorumError` with how many did otherwise.
         """
+        replicas, fallbacks = await self.replica_set(key)
         need = self.config.write_quorum
-        replicas, fallbacks = await self._enough(key, need)
         for _ in range(3):
             record = Record(key, value, Version(self.clock.now(), self.ring.info.id))
             acked, newer = await self._replicate([record], replicas, fallbacks, need)
@@ -509,7 +442,7 @@ class KVService:
         batcher = self._readers.get(node.address)
         if batcher is None:
             send = functools.partial(self._read_many, node.address)
-            batcher = self._readers[node.address] = _Batcher(send, _key_batches)
+            batcher = self._readers[node.address] = Batcher(send, _key_batches)
         record = self._adoptable(await batcher.submit(key))
         if record is not None:
             self.clock.observe(record.version.timestamp)
@@ -524,7 +457,7 @@ class KVService:
             writer = self._writers.get(node.address)
             if writer is None:
                 send = functools.partial(self._store_many, node.address)
-                writer = self._writers[node.address] = _Batcher(send, self._chunks)
+                writer = self._writers[node.address] = Batcher(send, self._chunks)
             return _summary([await writer.submit(records[0])])
         results: list[Stored] = []
         for chunk in self._chunks(records):

@@ -486,17 +486,11 @@ class Node(PublicApi):
     async def _rpc_describe(self, payload: Payload) -> Payload:
         if not self.member or self._ring is None or self._kv is None:
             raise RingError(f"{self.address if self._ring else 'this node'} is not a ring member yet")
-        ring, me = self._ring, self._ring.address
-        neighbours = {
-            n.address
-            for v in ring.vnodes
-            for n in (*v.successors, v.predecessor)
-            if n is not None and n.address != me
-        }
+        ring = self._ring
         return {
-            "address": me,
+            "address": ring.address,
             "vnodes": [[v.info.id, [s.id for s in v.successors]] for v in ring.vnodes],
-            "neighbours": sorted(neighbours),
+            "neighbours": sorted(ring.pointed()),
             "weight": self.config.weight,
             "leaving": self._kv.leaving or ring.left,
             "records": await self.storage.count(),

@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from balancer import errors, wire
+from balancer.batching import Batcher
 from balancer.chord import Call, Chord, distinct
-from balancer.errors import BalancerError, GoneError, IncompatibleConfigError, RemoteError
+from balancer.errors import BalancerError, GoneError, IncompatibleConfigError
 from balancer.failure import FailureDetector
 from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
@@ -48,18 +50,24 @@ BATCHED = frozenset({"chord.state", "chord.notify", "chord.ping"})
 
 _CLOSER = 32  # most closer nodes one find step names
 
+
+def _outcome(result: Payload) -> Payload | BalancerError:
+    """One call's result in a batch answer: its answer, or the error it raised there, rebuilt."""
+    if "ok" in result:
+        return result["ok"]  # type: ignore[no-any-return]
+    kind, message = result.get("error") or ("RemoteError", "a batched call has no result")
+    return errors.rebuild(str(kind), str(message))
+
+
+def _batches(calls: list[tuple[str, Payload]]) -> list[list[tuple[str, Payload]]]:
+    """A turn's calls cut into messages a peer accepts (``wire.Batch`` carries at most 1,024)."""
+    return [calls[i : i + 1024] for i in range(0, len(calls), 1024)]
+
+
 NEIGHBOURS_PER_ROUND = 8
 """Most other processes one maintenance round of a process sends to (stabilize: a state and a notify
 message to each; check_predecessor: one ping message to each). With more vnodes than that, the round
 robin visits every vnode within a few rounds."""
-
-
-def _rebuild(kind: str, message: str) -> BalancerError:
-    """The typed error a batched call answered with, raised again on the caller's side."""
-    cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, BalancerError) and cls.__init__ is BalancerError.__init__:
-        return cls(message)
-    return RemoteError(kind, message)
 
 
 class Ring:
@@ -121,7 +129,7 @@ class Ring:
         self._by_id = {v.info.id: v for v in self.vnodes}
         self.first = self._by_id[ids[0]]
         self._handlers = self.handlers()
-        self._batches: dict[str, list[tuple[str, Payload, asyncio.Future[Payload]]]] = {}
+        self._batchers: dict[str, Batcher[tuple[str, Payload], Payload | BalancerError]] = {}
         self._known: list[NodeInfo] = []  # every remote node some vnode points to, by id
         self._known_ids: list[int] = []
         self._known_dirty = True
@@ -170,10 +178,6 @@ class Ring:
             if n is not None and n.address != self.address
         }
 
-    def settled(self) -> bool:
-        """Whether every local vnode has a predecessor and a successor list (not necessarily exact)."""
-        return all(v.predecessor is not None or v.successor == v.info for v in self.vnodes)
-
     # -- calls ------------------------------------------------------------------------------------
 
     async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:
@@ -186,48 +190,27 @@ class Ring:
             return await handler(payload)
         if method not in BATCHED:
             return await self._remote(address, method, payload, timeout)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Payload] = loop.create_future()
-        pending = self._batches.get(address)
-        if pending is None:
-            pending = self._batches[address] = []
-            loop.call_soon(self._send_batch, address, timeout)
-        pending.append((method, payload, future))
-        return await future
+        batcher = self._batchers.get(address)
+        if batcher is None:
+            batcher = self._batchers[address] = Batcher(
+                functools.partial(self._send_calls, address), _batches
+            )
+        result = await batcher.submit((method, payload))
+        if isinstance(result, BalancerError):
+            raise result
+        return result
 
-    def _send_batch(self, address: str, timeout: float) -> None:
-        calls = self._batches.pop(address, [])
-        task = asyncio.ensure_future(self._deliver(address, calls, timeout))
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-    async def _deliver(
-        self, address: str, calls: list[tuple[str, Payload, asyncio.Future[Payload]]], timeout: float
-    ) -> None:
-        try:
-            if len(calls) == 1:
-                method, payload, _ = calls[0]
-                results: list[Payload] = [{"ok": await self._remote(address, method, payload, timeout)}]
-            else:
-                message = {"calls": [[method, payload] for method, payload, _ in calls]}
-                answer = await self._remote(address, "chord.batch", message, timeout)
-                results = wire.decode(wire.BatchAnswer, answer, self._limits).results
-                if len(results) != len(calls):
-                    raise errors.BadAnswerError(200, "a batch answer does not have one result per call")
-        except BaseException as exc:
-            for _, _, future in calls:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, _, future), result in zip(calls, results, strict=True):
-            if future.done():
-                continue
-            if "ok" in result:
-                future.set_result(result["ok"])
-            else:
-                kind, message = result.get("error", ["RemoteError", "no answer"])
-                future.set_exception(_rebuild(str(kind), str(message)))
+    async def _send_calls(
+        self, address: str, calls: list[tuple[str, Payload]]
+    ) -> list[Payload | BalancerError]:
+        """One turn's maintenance calls to ``address``: alone as themselves, several as a batch."""
+        if len(calls) == 1:
+            method, payload = calls[0]
+            return [await self._remote(address, method, payload, self.timeout)]
+        message = {"calls": [[method, payload] for method, payload in calls]}
+        answer = await self._remote(address, "chord.batch", message, self.timeout)
+        results = wire.decode(wire.BatchAnswer, answer, self._limits).results
+        return [_outcome(result) for result in results]
 
     # -- lookups ----------------------------------------------------------------------------------
 
@@ -349,6 +332,7 @@ class Ring:
         """Forget every id of ``node``'s process, in every local vnode."""
         if node.address == self.address:
             return
+        self._batchers.pop(node.address, None)
         for vnode in self.vnodes:
             vnode.forget_process(node.address, event)
         self._changed()

@@ -39,9 +39,7 @@ from balancer.errors import (
     BadRequestError,
     BalancerError,
     ConfigError,
-    KeyNotFoundError,
     PeerUnreachableError,
-    RemoteError,
     TooLargeError,
     UnauthorizedError,
     UnknownMethodError,
@@ -67,23 +65,6 @@ STATUS: dict[type[BaseException], int] = {
     errors.BalancerError: 500,
 }
 """The HTTP status of each balancer error; a class not listed takes its nearest listed base's status."""
-
-# Error classes the client raises again as themselves; each is rebuilt from the message alone.
-_REBUILD: dict[str, Callable[[str], BalancerError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.BadRequestError,
-        errors.ConfigError,
-        errors.IncompatibleConfigError,
-        errors.GoneError,
-        errors.RingError,
-        errors.TooLargeError,
-        errors.UnknownMethodError,
-        errors.UnauthorizedError,
-        errors.StaleRequestError,
-    )
-}
-_REBUILD["KeyNotFoundError"] = lambda message: KeyNotFoundError(message.removeprefix("not found: "))
 
 _HANDLERS = web.AppKey[Mapping[str, Handler]]("handlers")
 _API = web.AppKey("api", PublicApi)
@@ -327,9 +308,7 @@ def _answer(status: int, body: bytes) -> Payload:
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
         raise BadAnswerError(status, "is JSON without a balancer error in it")
-    kind, message = str(error.get("type")), str(error.get("message"))
-    rebuild = _REBUILD.get(kind)
-    raise rebuild(message) if rebuild else RemoteError(kind, message, status)
+    raise errors.rebuild(str(error.get("type")), str(error.get("message")), status)
 
 
 class AiohttpTransport(Transport):
