@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "balancer"
 DEFAULT_PLUGINS = (
     "balancer.plugins.aiohttp_transport",
     "balancer.plugins.local_transport",
+    "balancer.plugins.stream_transport",
     "balancer.plugins.memory_storage",
     "balancer.plugins.sqlite_storage",
     "balancer.plugins.replication",

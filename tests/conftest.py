@@ -1,10 +1,12 @@
 """Shared fixtures: a plugin manager with only the built-in plugins, rings on the local transport, and
-clusters of real node processes."""
+clusters of real node processes, and TLS material (a test CA and a certificate it signed)."""
 
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
@@ -79,3 +81,37 @@ async def stranger_address() -> AsyncIterator[str]:
     """An HTTP server on 127.0.0.1 that is not a balancer node (see ``helpers.stranger``)."""
     async with stranger() as address:
         yield address
+
+
+# -- TLS material ------------------------------------------------------------------------------------
+
+
+def openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA and one node certificate it signed (for 127.0.0.1, good for server and client use)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and a node certificate signed by it, made with the openssl command (EC keys: quick)."""
+    folder = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=balancer test CA", "-keyout", ca_key, "-out", ca)
+    key, request, cert = folder / "node.key", folder / "node.csr", folder / "node.pem"
+    openssl("req", *ec, "-subj", "/CN=node", "-keyout", key, "-out", request)
+    extensions = folder / "node.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl(
+        "x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+        "-extfile", extensions, "-out", cert,
+    )  # fmt: skip
+    return Pki(str(ca), str(cert), str(key))

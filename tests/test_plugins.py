@@ -35,7 +35,7 @@ from balancer.types import Member, NodeInfo
 
 def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> None:
     registry = Registry(pm)
-    assert set(registry.transports.factories) == {"aiohttp", "local"}
+    assert set(registry.transports.factories) == {"aiohttp", "local", "stream"}
     assert set(registry.storages.factories) == {"memory", "sqlite"}
     assert set(registry.replications.factories) == {"successor", "multi-ring"}
     assert isinstance(registry.storage(Config()), MemoryStorage)

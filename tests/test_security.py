@@ -8,12 +8,11 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from conftest import Pki
 from helpers import addresses
 
 from balancer.auth import DESTINATION, NONCE, SIGNATURE, TIMESTAMP, ReplayGuard, signed_headers
@@ -246,37 +245,6 @@ async def test_tls_between_nodes(certificate: tuple[str, str]) -> None:
 
 
 # -- mutual TLS ---------------------------------------------------------------------------------------
-
-
-def openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-@dataclass(frozen=True)
-class Pki:
-    """A test CA and one node certificate it signed (for 127.0.0.1, good for server and client use)."""
-
-    ca: str
-    cert: str
-    key: str
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA and a node certificate signed by it, made with the openssl command (EC keys: quick)."""
-    folder = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    ca, ca_key = folder / "ca.pem", folder / "ca.key"
-    openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=balancer test CA", "-keyout", ca_key, "-out", ca)
-    key, request, cert = folder / "node.key", folder / "node.csr", folder / "node.pem"
-    openssl("req", *ec, "-subj", "/CN=node", "-keyout", key, "-out", request)
-    extensions = folder / "node.ext"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
-    openssl(
-        "x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
-        "-extfile", extensions, "-out", cert,
-    )  # fmt: skip
-    return Pki(str(ca), str(cert), str(key))
 
 
 async def test_rpc_needs_a_client_certificate_with_mutual_tls(pki: Pki) -> None:

@@ -336,6 +336,11 @@ class AiohttpTransport(Transport):
         self._client_ssl = client_ssl(self.config)
         self._scheme = "https" if self._client_ssl else "http"
         self._loop_handlers: tuple[Any, Any] | None = None  # (ours, the one it replaced)
+        self._guard: ReplayGuard | None = None
+        self.handlers: Mapping[str, Handler] = {}
+        """The RPC handlers served, once serving."""
+        self.body_limit = _body_limit(self.config)
+        """The largest RPC body the server reads, in bytes."""
 
     async def serve(
         self, host: str, port: int, handlers: Mapping[str, Handler], api: PublicApi | None = None
@@ -350,7 +355,7 @@ class AiohttpTransport(Transport):
         config = self.config
         if config.tls_ca and not config.tls_cert:
             raise ConfigError("tls_ca needs tls_cert and tls_key: peers present certificates only over TLS")
-        limit = _body_limit(config)
+        limit = self.body_limit
         cap = fitted_cap(config.max_connections, outgoing=self.connection_limit)
         if cap < config.max_connections:
             log.warning(
@@ -364,6 +369,7 @@ class AiohttpTransport(Transport):
         )
         app[_HANDLERS], app[_CONFIG] = handlers, config
         guard = ReplayGuard(self._secret, config.max_clock_skew) if self._secret else None
+        self._guard, self.handlers = guard, handlers
         mutual = bool(config.tls_ca and config.tls_cert)
         app[_RPC_AUTH] = _RpcAuth(guard, mutual)
         app.router.add_post("/rpc/{method}", _rpc)
@@ -392,6 +398,7 @@ class AiohttpTransport(Transport):
             handler_options=options,
             ssl_context=server_ssl(config),
             handshake_timeout=config.header_timeout,
+            binary=self._binary(),
         )
         await site.start()
         bound = int(runner.addresses[0][1])
@@ -407,6 +414,11 @@ class AiohttpTransport(Transport):
         elif not config.cluster_secret and self._secret is not None:
             log.info("ring RPCs are signed with a key derived from the API token (no cluster secret set)")
         return bound
+
+    def _binary(self) -> Callable[[float], asyncio.Protocol] | None:
+        """The protocol for connections that open with a NUL byte (not HTTP); none here: such a
+        connection is answered as a malformed HTTP request."""
+        return None
 
     # The Transport contract takes a per-call timeout; it becomes the aiohttp request's total timeout.
     async def call(self, address: str, method: str, payload: Payload, timeout: float) -> Payload:

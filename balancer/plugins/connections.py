@@ -27,7 +27,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -37,6 +37,7 @@ from aiohttp.typedefs import Middleware
 __all__ = [
     "ACCEPT_BACKLOG",
     "ConnectionGate",
+    "Gated",
     "GatedHandler",
     "GatedSite",
     "fitted_cap",
@@ -78,6 +79,16 @@ def _soft_nofile() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+class Gated(Protocol):
+    """What the gate needs of a connection: whether it is handling anything, and a way to drop it."""
+
+    busy: int
+    """Requests in progress on the connection; a connection with none is idle, and may be evicted."""
+
+    def force_close(self) -> None:
+        """Close the connection now, whatever it was doing."""
+
+
 class ConnectionGate:
     """Admits, classifies and evicts the server's connections; see the module documentation.
 
@@ -98,8 +109,8 @@ class ConnectionGate:
         self.counts: Counter[str] = Counter()
         """Events since the gate was made, by kind: refused, evicted, header_timeout, accept_failed."""
         # insertion order is age: the first idle one is the oldest
-        self._public: dict[GatedHandler, None] = {}
-        self._ring: set[GatedHandler] = set()
+        self._public: dict[Gated, None] = {}
+        self._ring: set[Gated] = set()
         # TLS connections accepted whose handshake has not finished (they hold descriptors too), oldest first
         self._handshaking: dict[asyncio.Transport, None] = {}
         self._pending: Counter[str] = Counter()
@@ -116,7 +127,7 @@ class ConnectionGate:
         """Open connections that made a ring RPC."""
         return len(self._ring)
 
-    def admit(self, conn: GatedHandler) -> bool:
+    def admit(self, conn: Gated) -> bool:
         """Count a new connection in; False if it must be closed at once (no idle one could make room)."""
         self._public[conn] = None
         if self._room():
@@ -159,7 +170,7 @@ class ConnectionGate:
         public = len(self._public) + len(self._handshaking)
         return public <= self.cap - self.reserve and self.open <= self.cap
 
-    def _evict(self, spare: GatedHandler | None = None) -> bool:
+    def _evict(self, spare: Gated | None = None) -> bool:
         """Close the oldest idle public connection other than ``spare``; False if there is none."""
         victim = next((c for c in self._public if c is not spare and not c.busy), None)
         if victim is None:
@@ -169,13 +180,13 @@ class ConnectionGate:
         self.note("evicted")
         return True
 
-    def promote(self, conn: GatedHandler) -> None:
+    def promote(self, conn: Gated) -> None:
         """Count ``conn`` as a ring connection from now on: it is never evicted for a public one."""
         if conn in self._public:
             del self._public[conn]
             self._ring.add(conn)
 
-    def release(self, conn: GatedHandler) -> None:
+    def release(self, conn: Gated) -> None:
         """Forget a connection that closed."""
         self._public.pop(conn, None)
         self._ring.discard(conn)
@@ -347,9 +358,12 @@ class GatedSite(web.BaseSite):
     :param handler_options: aiohttp ``RequestHandler`` keyword arguments (``keepalive_timeout``,
         ``max_line_size``...).
     :param handshake_timeout: seconds a TLS handshake may take (with ``ssl_context``).
+    :param binary: makes the protocol for a connection whose first byte is NUL (never the start of an
+        HTTP request): the stream transport's RPC connections share the port with HTTP this way. Given
+        the connection's deadline (event-loop time) to finish its opening, counted from its accept.
     """
 
-    __slots__ = ("_gate", "_handshake_timeout", "_host", "_options", "_port", "_upgrades")
+    __slots__ = ("_binary", "_gate", "_handshake_timeout", "_host", "_options", "_port", "_upgrades")
 
     def __init__(
         self,
@@ -361,8 +375,10 @@ class GatedSite(web.BaseSite):
         handler_options: dict[str, Any],
         ssl_context: Any = None,
         handshake_timeout: float = 60.0,
+        binary: Callable[[float], asyncio.Protocol] | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=ACCEPT_BACKLOG)
+        self._binary = binary
         self._host, self._port = host, port
         self._gate = gate
         self._options = handler_options
@@ -382,8 +398,14 @@ class GatedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None  # BaseSite refuses a runner that is not set up
 
-        def connection() -> GatedHandler:
+        def http() -> GatedHandler:
             return GatedHandler(server, gate=self._gate, loop=loop, **self._options)
+
+        connection: Callable[[], asyncio.Protocol] = http
+        if (binary := self._binary) is not None:
+
+            def connection() -> asyncio.Protocol:
+                return _Sniffer(self._gate, http, binary)
 
         factory: Callable[[], asyncio.BaseProtocol] = connection
         if self._ssl_context is not None:
@@ -415,7 +437,7 @@ class _Handshake(asyncio.Protocol):
     def __init__(
         self,
         gate: ConnectionGate,
-        handler: Callable[[], GatedHandler],
+        handler: Callable[[], asyncio.Protocol],
         context: ssl.SSLContext,
         timeout: float,
         upgrades: set[asyncio.Task[None]],
@@ -455,3 +477,73 @@ class _Handshake(asyncio.Protocol):
             transport.abort()
             return
         handler.connection_made(encrypted)
+
+
+class _Sniffer(asyncio.Protocol):
+    """A new connection until its first byte tells what it speaks: NUL for a binary protocol, else HTTP.
+
+    Counted by the gate as an idle public connection meanwhile, and closed if nothing arrives within the
+    header timeout. On the first bytes it hands the transport to the protocol they call for.
+    """
+
+    busy = 0
+
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        http: Callable[[], asyncio.Protocol],
+        binary: Callable[[float], asyncio.Protocol],
+    ) -> None:
+        self.gate = gate
+        self.http = http
+        self.binary = binary
+        self.transport: asyncio.Transport | None = None
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._early = b""  # bytes that came before connection_made (TLS: with the handshake's end)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if not self.gate.admit(self):
+            transport.abort()
+            return
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.gate.header_timeout
+        self._timer = loop.call_at(self.deadline, self._late)
+        if self._early:
+            self.data_received(self._early)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early += data
+            return
+        if not data:
+            return
+        self._forget()
+        protocol = self.binary(self.deadline) if data[0] == 0 else self.http()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not transport.is_closing():
+            protocol.data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._forget()
+
+    def force_close(self) -> None:
+        """Drop the connection (the gate evicts it, or it sent nothing in time)."""
+        self._forget()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _late(self) -> None:
+        self._timer = None
+        self.gate.note("header_timeout")
+        self.force_close()
+
+    def _forget(self) -> None:
+        self.gate.release(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
