@@ -93,7 +93,7 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             1.0,
             "Shortest timeout of a call between nodes; each peer's follows its round-trips.",
         ),
-        click.option("--transport", default="aiohttp", show_default=True, help="Transport plugin."),
+        click.option("--transport", default="stream", show_default=True, help="Transport plugin."),
         click.option("--storage", help="Storage plugin (default: sqlite with --data-dir, else memory)."),
         click.option(
             "--data-dir", type=click.Path(file_okay=False), help="Keep records on disk here (sqlite)."

@@ -41,8 +41,9 @@ class Config:
     """Each period is drawn uniformly within +-jitter of its mean, so nodes do not act in lockstep."""
     rpc_timeout: float = 1.0
     """Timeout of one inter-node call; a peer that misses it is treated as failed for that call."""
-    transport: str = "aiohttp"
-    """Name of the transport plugin (``aiohttp``, ``local``)."""
+    transport: str = "stream"
+    """Name of the transport plugin: ``stream`` (ring RPCs over persistent connections, the public API over
+    HTTP), ``aiohttp`` (everything over HTTP), ``local`` (in-process), or a third-party one."""
     storage: str = "memory"
     """Name of the storage plugin (``memory``, ``sqlite``)."""
     data_dir: str | None = None

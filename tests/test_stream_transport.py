@@ -163,7 +163,7 @@ async def test_signed_connections(serve: Serve) -> None:
 async def test_a_caller_with_the_secret_refuses_a_server_without_it(serve: Serve) -> None:
     _, address = await serve(Config())
     async with StreamTransport(Config(cluster_secret=SECRET)) as member:
-        with pytest.raises(UnauthorizedError, match="did not prove"):
+        with pytest.raises(errors.IncompatibleConfigError, match="does not sign"):
             await member.call(address, "echo", {}, 5.0)
 
 

@@ -551,6 +551,11 @@ class _ClientConnection(_Framing):
         if secret is None:
             return
         proof = welcome.get("proof", "")
+        if not proof:
+            raise errors.IncompatibleConfigError(
+                f"{self.address} does not sign ring RPCs (secured=0, here 1): a node with a cluster secret "
+                "or API token talks only to nodes with one"
+            )
         if not (proof.isascii() and hmac.compare_digest(proof, _proof(secret, client, server))):
             raise UnauthorizedError(f"{self.address} did not prove that it holds the cluster secret")
         if self.transport is not None and self.transport.get_extra_info("sslcontext") is None:
@@ -640,7 +645,7 @@ class StreamTransport(AiohttpTransport):
                 connection = await self._connect(address, timeout)
             except _HttpOnly:
                 self._http_only.add(address)
-                log.info("%s does not speak the stream protocol: calling it over HTTP", address)
+                log.debug("%s does not speak the stream protocol: calling it over HTTP", address)
                 return await super().call(address, method, payload, timeout)
             timeout = max(0.0, timeout - (loop.time() - started))
         return await connection.call(method, payload, timeout)
