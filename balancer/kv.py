@@ -288,8 +288,17 @@ class KVService:
                 answers[node] = self._adoptable(await self.storage.get(key))
         # suspected replicas are asked last: a slow peer is waited for only when no other will do
         queue = self.ring.prefer_healthy([n for n in replicas if n.address != me]) + fallbacks
-        running: dict[asyncio.Future[Record | None], NodeInfo] = {}
         retried: set[NodeInfo] = set()
+        if len(answers) + 1 == need and queue:
+            # the common case, one remote answer short of the quorum: await it without a task of its own
+            node = queue.pop(0)
+            try:
+                answers[node] = await self._read_at(node, key)
+            except Exception as exc:  # as the loop below treats a failed read: the next node is asked
+                if self._failed(node, exc):
+                    retried.add(node)
+                    queue.append(node)  # only slow: asked again, after the others, for longer
+        running: dict[asyncio.Future[Record | None], NodeInfo] = {}
         try:
             while len(answers) < need and (queue or running):
                 while queue and len(running) + len(answers) < need:

@@ -3,14 +3,16 @@ clusters of real node processes, and TLS material (a test CA and a certificate i
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
 import pytest
+import uvloop
 from helpers import QUIET, RingFactory, converge, stranger
 from hypothesis import HealthCheck, settings
 from processes import Cluster
@@ -24,6 +26,16 @@ from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 # neither a per-example deadline nor the too-slow health check may fail them.
 settings.register_profile("balancer", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("balancer")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests of a module that sets ``BOTH_LOOPS`` run on asyncio's loop and on uvloop's (their transports
+    differ); every other test on asyncio's alone."""
+    if getattr(getattr(item, "module", None), "BOTH_LOOPS", False):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

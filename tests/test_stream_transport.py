@@ -25,6 +25,10 @@ from balancer.plugins.aiohttp_transport import AiohttpTransport
 from balancer.plugins.stream_transport import HEADER, MAGIC, StreamTransport, _keys
 
 SECRET = "correct horse battery staple"
+
+BOTH_LOOPS = True
+"""Every test here runs on both event loops a node may run on (``--loop``; see conftest.py)."""
+
 REQUEST, RESULT, ERROR, CANCEL, HELLO, WELCOME = range(6)
 
 Serve = Callable[..., Awaitable[tuple[StreamTransport, str]]]

@@ -27,7 +27,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -271,7 +271,7 @@ class GatedHandler(web.RequestHandler):
         super().connection_made(transport)
         if not self.gate.admit(self):
             # abort, not close: the descriptor is what is short, and there is nothing to flush
-            if isinstance(transport, asyncio.Transport):
+            if hasattr(transport, "abort"):  # uvloop's transports are not asyncio.Transport subclasses
                 transport.abort()
             else:
                 transport.close()
@@ -447,19 +447,43 @@ class _Handshake(asyncio.Protocol):
         self.context = context
         self.timeout = timeout
         self.upgrades = upgrades
+        self.transport: asyncio.Transport | None = None
+        self.early = b""
+        """Bytes read before start_tls took the socket over: uvloop starts reading as soon as
+        ``connection_made`` returns, and the client's hello may come before the upgrade begins."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses, but the same shape
         if not self.gate.begin_handshake(transport):
             transport.abort()
             return
+        self.transport = transport
+        transport.pause_reading()  # asyncio honours this; uvloop starts reading after this returns
         task = asyncio.ensure_future(self._upgrade(transport))
         self.upgrades.add(task)
         task.add_done_callback(self.upgrades.discard)
 
+    def data_received(self, data: bytes) -> None:
+        """Keep what came early for the TLS protocol (see :attr:`early`); read no more until it runs."""
+        self.early += data
+        if self.transport is None:
+            return
+        if len(self.early) > 1 << 16:  # far more than any client hello
+            self.transport.abort()
+            return
+        self.transport.pause_reading()
+
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         handler = self.handler()
         loop = asyncio.get_running_loop()
+
+        def hand_over() -> None:  # runs after start_tls has made its TLS protocol the socket's
+            if self.early and not transport.is_closing():
+                _feed(transport.get_protocol(), self.early)
+            self.early = b""
+
+        # start_tls schedules its protocol's connection_made before it awaits: two hops later, it ran
+        loop.call_soon(loop.call_soon, hand_over)
         try:
             if transport.is_closing():
                 return
@@ -477,6 +501,21 @@ class _Handshake(asyncio.Protocol):
             transport.abort()
             return
         handler.connection_made(encrypted)
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver ``data`` to ``protocol`` as its transport would, buffered protocol or not."""
+    if hasattr(protocol, "get_buffer"):  # uvloop's TLS protocol has the methods, not the base class
+        buffered = cast(asyncio.BufferedProtocol, protocol)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(buffered.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            buffered.buffer_updated(size)
+            view = view[size:]
+    elif isinstance(protocol, asyncio.Protocol):
+        protocol.data_received(data)
 
 
 class _Sniffer(asyncio.Protocol):
@@ -503,7 +542,7 @@ class _Sniffer(asyncio.Protocol):
         self._early = b""  # bytes that came before connection_made (TLS: with the handshake's end)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses, but the same shape
         if not self.gate.admit(self):
             transport.abort()
             return

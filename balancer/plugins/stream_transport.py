@@ -43,7 +43,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -135,8 +135,7 @@ class _Framing(asyncio.Protocol):
         """Event-loop time of the last frame in or out."""
 
     def start(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's: same shape, no subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self.last = asyncio.get_running_loop().time()
