@@ -686,11 +686,13 @@ class KVService:
                     [_b64(r.key), *r.version.to_wire()]
                     async for r in self._shared_in(node.address, bucket, placement, pacer)
                 ]
+                # the peer reads the bucket back from its storage: give it time for what it holds too
+                work = max(len(entries), digest.counts[bucket])
                 raw = await self._call(
                     node.address,
                     "kv.compare",
                     {"node": self.ring.info.to_wire(), "bucket": bucket, "entries": entries},
-                    self.config.rpc_timeout,
+                    self._timeout_for(work),
                 )
                 answer = wire.decode(wire.CompareAnswer, raw, self._limits)
                 theirs = self._within_skew([r.record() for r in answer.records], node.address)

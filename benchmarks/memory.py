@@ -142,8 +142,10 @@ async def measure_rss(args: argparse.Namespace, folder: Path) -> dict[str, float
     command += ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
     with (folder / "node.log").open("wb") as log:
         # started before anything else runs on this loop: nothing waits while Popen forks
+        # in a folder of its own: ``-m`` puts the working folder first on sys.path, and a checkout's
+        # package there would win over the one on PYTHONPATH
         proc = subprocess.Popen(  # noqa: ASYNC220
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         timeout = aiohttp.ClientTimeout(total=600)

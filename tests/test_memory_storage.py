@@ -7,8 +7,11 @@ The storage contract itself (shared with sqlite) is checked in ``test_storage.py
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +132,30 @@ async def test_a_record_costs_little_more_than_its_bytes() -> None:
     held = sys.getsizeof(groups) + sum(sys.getsizeof(g) + sys.getsizeof(b) for g, b in groups.items())
     # 116 bytes of key and value; a 25-byte header and a share of a group's bookkeeping on top
     assert held / count < 116 + 25 + 16
+
+
+def test_memory_benchmark_runs_small(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+    command = [sys.executable, str(script), "--records", "3000", "--batch", "500", "--ring-nodes", "2"]
+    done = subprocess.run(
+        [*command, "--json", str(tmp_path / "figures.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ("| RSS with the records |", "| settled pass: longest event-loop stall |"):
+        assert row in done.stdout
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["rss loaded"] > figures["rss idle"] > 0
+    again = subprocess.run(
+        [*command, "--only", "stall", "--baseline", str(tmp_path / "figures.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "vs baseline" in again.stdout
+    assert "RSS" not in again.stdout

@@ -254,7 +254,7 @@ class MemoryStorage(Storage):
 
     async def close(self) -> None:
         self._groups.clear()
-        self._count = 0
+        self._level = self._next = self._count = 0
 
 
 @hookimpl(trylast=True)
