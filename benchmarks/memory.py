@@ -286,10 +286,11 @@ def print_table(figures: dict[str, float], baseline: dict[str, float]) -> None:
         if name not in figures:
             continue
         value = figures[name]
-        line = [label, f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}", unit]
+        whole = unit == "count" or abs(value) >= 100
+        line = [label, f"{value:,.0f}" if whole else f"{value:,.2f}", unit]
         if baseline:
             old = baseline.get(name)
-            line.append(f"{value / old:.2f}x" if old else "-")
+            line.append(f"{value / old:.3g}x" if old else "-")
         lines.append(line)
     table(head, lines)
 
