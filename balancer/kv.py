@@ -16,6 +16,11 @@ and returns the newest version; replicas that answered with an older one are rep
 of every record it holds. Records it no longer replicates are pushed to their replicas and dropped only
 after every one of them confirmed. For each peer it shares records with, it compares per-bucket digests
 of those records (64 buckets by key id) and exchanges only the records of buckets that differ.
+
+A pass keeps per peer only one count and one digest per bucket, never a copy of the keys: the records of
+a bucket that differs are read back from the storage (a range scan of the bucket's ids) when compared.
+Every loop of a pass yields to the event loop after :data:`SLICE_SECONDS` of work, so a pass over
+millions of records never holds up requests for longer than that.
 """
 
 from __future__ import annotations
@@ -51,12 +56,15 @@ from balancer.keyspace import in_interval
 from balancer.ring import Ring
 from balancer.types import NodeInfo, Record, Version
 
-__all__ = ["BUCKET_BITS", "HybridClock", "KVService", "Maintenance"]
+__all__ = ["BUCKET_BITS", "SLICE_SECONDS", "HybridClock", "KVService", "Maintenance"]
 
 log = logging.getLogger(__name__)
 
 BUCKET_BITS = 6
 """Anti-entropy compares 2**6 = 64 digests per pair of replicas, one per slice of the key-id space."""
+
+SLICE_SECONDS = 0.005
+"""Longest a maintenance loop works before it lets the event loop run other tasks (seconds)."""
 
 _COUNTER_BITS = 16
 
@@ -125,6 +133,46 @@ def _summary(results: list[Stored]) -> tuple[int, Version | None]:
 def _fingerprint(key: bytes, version: Version) -> int:
     data = key + version.timestamp.to_bytes(16, "big") + version.node.to_bytes(32, "big")
     return int.from_bytes(blake2b(data, digest_size=8).digest())
+
+
+def _digest(count: int, fingerprints: int) -> list[Any]:
+    """A bucket's digest as the wire carries it: its record count and the XOR of their fingerprints."""
+    return [count, f"{fingerprints:016x}"]
+
+
+class _Pacer:
+    """Lets a long loop give the event loop a turn once it has worked ``budget`` seconds without one."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self._since = time.perf_counter()
+
+    async def pause(self) -> None:
+        """Yield to the event loop if this slice of work is over its budget; else return at once."""
+        if time.perf_counter() - self._since >= self.budget:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()
+
+
+@dataclass
+class _Digests:
+    """One peer's digests: per bucket, the records shared with it and the XOR of their fingerprints."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (1 << BUCKET_BITS))
+    fingerprints: list[int] = field(default_factory=lambda: [0] * (1 << BUCKET_BITS))
+
+    def wire(self) -> dict[str, list[Any]]:
+        """The non-empty buckets' digests, as ``kv.digests`` sends them."""
+        return {str(b): _digest(n, self.fingerprints[b]) for b, n in enumerate(self.counts) if n}
+
+    def differ(self, theirs: dict[int, list[Any]]) -> list[int]:
+        """The buckets whose digests differ from ``theirs`` (a bucket missing on one side is empty)."""
+        buckets = {b for b, n in enumerate(self.counts) if n} | set(theirs)
+        return sorted(b for b in buckets if theirs.get(b, _digest(0, 0)) != self.digest(b))
+
+    def digest(self, bucket: int) -> list[Any]:
+        """One bucket's digest."""
+        return _digest(self.counts[bucket], self.fingerprints[bucket])
 
 
 @dataclass
@@ -203,8 +251,10 @@ class KVService:
         self._call = call
         self._emit = emit or (lambda event, **kwargs: None)
         self._background: set[asyncio.Future[Any]] = set()
-        self._shared: dict[str, dict[int, dict[bytes, Version]]] = {}
-        self._placed = False  # whether a maintenance pass has filled _shared yet
+        self._digests: dict[str, _Digests] = {}  # per peer, from the last maintenance pass
+        self._placement: _Placement | None = None  # the last pass's, which those digests were made with
+        self.slice = SLICE_SECONDS
+        """Longest a maintenance loop works before it yields to the event loop (seconds)."""
         self._readers: dict[str, Batcher[bytes, Record | None]] = {}
         self._writers: dict[str, Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
@@ -562,15 +612,18 @@ class KVService:
         async with self._maintaining:
             report = Maintenance()
             placement = _Placement(self.ring)
+            pacer = _Pacer(self.slice)
             me = self.ring.address
             grace = self.config.tombstone_grace
+            shift = self.ring.space.bits - BUCKET_BITS
             now = time.time()
             peers: dict[str, NodeInfo] = {}  # one id to call each process at
-            shared: dict[str, dict[int, dict[bytes, Version]]] = {}
+            digests: dict[str, _Digests] = {}
             misplaced: list[tuple[Record, list[NodeInfo]]] = []
             expired: list[Record] = []
             async for batch in self.storage.scan(batch=self.config.handoff_batch):
                 for record in batch:
+                    await pacer.pause()
                     report.records += 1
                     if record.value is None and now - HybridClock.seconds(record.version.timestamp) > grace:
                         expired.append(record)
@@ -579,52 +632,88 @@ class KVService:
                         replicas, _ = await self.replica_set(record.key, placement)
                     except RingError:
                         continue
-                    bucket = self.ring.space.id(record.key) >> (self.ring.space.bits - BUCKET_BITS)
+                    bucket = self.ring.space.id(record.key) >> shift
+                    fingerprint = 0
                     for node in replicas:
                         if node.address != me:
                             peers.setdefault(node.address, node)
-                            shared.setdefault(node.address, {}).setdefault(bucket, {})[record.key] = (
-                                record.version
-                            )
+                            digest = digests.get(node.address)
+                            if digest is None:
+                                digest = digests[node.address] = _Digests()
+                            fingerprint = fingerprint or _fingerprint(record.key, record.version)
+                            digest.counts[bucket] += 1
+                            digest.fingerprints[bucket] ^= fingerprint
                     if all(node.address != me for node in replicas):
                         misplaced.append((record, replicas))
-            report.collected = await self.storage.remove(expired) if expired else 0
-            self._shared = shared
-            self._placed = True
-            for address, buckets in shared.items():
-                await self._sync_with(peers[address], buckets, report)
-            await self._hand_off(misplaced, report)
+            report.collected = await self._remove(expired, pacer)
+            self._digests = digests
+            self._placement = placement
+            for address, digest in digests.items():
+                await self._sync_with(peers[address], digest, placement, report, pacer)
+            await self._hand_off(misplaced, report, pacer)
             return report
 
+    async def _remove(self, records: list[Record], pacer: _Pacer) -> int:
+        """Drop ``records`` from the storage (unless overwritten since) a batch at a time; how many."""
+        removed = 0
+        for i in range(0, len(records), self.config.handoff_batch):
+            removed += await self.storage.remove(records[i : i + self.config.handoff_batch])
+            await pacer.pause()
+        return removed
+
+    async def _shared_in(
+        self, address: str, bucket: int, placement: _Placement, pacer: _Pacer
+    ) -> AsyncIterator[Record]:
+        """The records of ``bucket`` that ``address`` replicates too, as ``placement`` places them: read
+        from the storage (the ids of one bucket are one range), never kept between passes."""
+        space = self.ring.space
+        shift = space.bits - BUCKET_BITS
+        start, end = ((bucket << shift) - 1) % space.size, ((bucket + 1) << shift) - 1
+        async for batch in self.storage.scan(start, end, batch=self.config.handoff_batch):
+            for record in batch:
+                await pacer.pause()
+                try:
+                    replicas, _ = await self.replica_set(record.key, placement)
+                except RingError:
+                    continue
+                if any(node.address == address for node in replicas):
+                    yield record
+
     async def _sync_with(
-        self, node: NodeInfo, buckets: dict[int, dict[bytes, Version]], report: Maintenance
+        self, node: NodeInfo, digest: _Digests, placement: _Placement, report: Maintenance, pacer: _Pacer
     ) -> None:
         """Compare digests with ``node`` and exchange the records of the buckets that differ."""
-        digests = {str(b): self._digest(entries) for b, entries in buckets.items()}
         try:
             raw = await self._call(
                 node.address,
                 "kv.digests",
-                {"node": self.ring.info.to_wire(), "digests": digests},
+                {"node": self.ring.info.to_wire(), "digests": digest.wire()},
                 self.config.rpc_timeout,
             )
             for bucket in wire.decode(wire.DigestsAnswer, raw, self._limits).differ:
-                entries = buckets.get(bucket, {})
+                entries = [
+                    [_b64(r.key), *r.version.to_wire()]
+                    async for r in self._shared_in(node.address, bucket, placement, pacer)
+                ]
+                # the peer reads the bucket back from its storage: give it time for what it holds too
+                work = max(len(entries), digest.counts[bucket])
                 raw = await self._call(
                     node.address,
                     "kv.compare",
-                    {
-                        "node": self.ring.info.to_wire(),
-                        "bucket": bucket,
-                        "entries": [[_b64(k), *v.to_wire()] for k, v in entries.items()],
-                    },
-                    self.config.rpc_timeout,
+                    {"node": self.ring.info.to_wire(), "bucket": bucket, "entries": entries},
+                    self._timeout_for(work),
                 )
                 answer = wire.decode(wire.CompareAnswer, raw, self._limits)
-                wanted = answer.want
                 theirs = self._within_skew([r.record() for r in answer.records], node.address)
-                report.pulled += (await self._store(theirs))[0]
-                mine = [r for r in [await self.storage.get(k) for k in wanted] if r is not None]
+                for i in range(0, len(theirs), self.config.handoff_batch):
+                    report.pulled += (await self._store(theirs[i : i + self.config.handoff_batch]))[0]
+                    await pacer.pause()
+                mine: list[Record] = []
+                for key in answer.want:
+                    record = await self.storage.get(key)
+                    if record is not None:
+                        mine.append(record)
+                    await pacer.pause()
                 if mine:
                     await self._write_at(node, mine)
                     report.pushed += len(mine)
@@ -632,12 +721,15 @@ class KVService:
             report.unreachable.add(node.address)
             log.debug("%s: anti-entropy with %s failed: %s", self.ring.info, node, exc)
 
-    async def _hand_off(self, misplaced: list[tuple[Record, list[NodeInfo]]], report: Maintenance) -> None:
+    async def _hand_off(
+        self, misplaced: list[tuple[Record, list[NodeInfo]]], report: Maintenance, pacer: _Pacer
+    ) -> None:
         """Push records this node does not replicate to their replicas; drop each once all confirmed."""
         confirmed: list[Record] = []
         by_target: dict[tuple[NodeInfo, ...], list[Record]] = {}
         for record, replicas in misplaced:
             by_target.setdefault(tuple(replicas), []).append(record)
+            await pacer.pause()
         for targets, records in by_target.items():
             if not targets:
                 continue
@@ -647,7 +739,7 @@ class KVService:
                 for node in targets:
                     self._emit("range_moved", node=self.ring.info, target=node, records=len(records))
         if confirmed:
-            report.handed_off += await self.storage.remove(confirmed)
+            report.handed_off += await self._remove(confirmed, pacer)
 
     async def hand_off_all(self, successors: Iterable[NodeInfo]) -> int:
         """Leaving: give every local record to the nodes that replicate it once this node is gone, and
@@ -658,9 +750,11 @@ class KVService:
         """
         me = self.ring.address
         placement = _Placement(self.ring)
+        pacer = _Pacer(self.slice)
         by_heirs: dict[tuple[NodeInfo, ...], list[Record]] = {}
         async for batch in self.storage.scan(batch=self.config.handoff_batch):
             for record in batch:
+                await pacer.pause()
                 try:
                     replicas, fallbacks = await self.replica_set(record.key, placement)
                     heirs = [n for n in replicas if n.address != me]
@@ -683,13 +777,6 @@ class KVService:
                     for target in targets:
                         self._emit("range_moved", node=self.ring.info, target=target, records=len(chunk))
         return moved
-
-    @staticmethod
-    def _digest(entries: dict[bytes, Version]) -> list[Any]:
-        acc = 0
-        for key, version in entries.items():
-            acc ^= _fingerprint(key, version)
-        return [len(entries), f"{acc:016x}"]
 
     # -- RPC handlers -----------------------------------------------------------------------------
 
@@ -722,19 +809,20 @@ class KVService:
         return {"each": [[kept, v.to_wire() if v else None] for kept, v in results]}
 
     async def _rpc_digests(self, message: wire.Digests) -> Payload:
-        if not self._placed:  # no pass yet: nothing to compare with, and every bucket would look different
+        if self._placement is None:  # no pass yet: nothing to compare with, every bucket would differ
             return {"differ": []}
         theirs = {int(b): list(digest) for b, digest in message.digests.items()}
-        mine = self._shared.get(message.node.address, {})
-        buckets = set(mine) | set(theirs)
-        return {"differ": sorted(b for b in buckets if theirs.get(b) != self._digest(mine.get(b, {})))}
+        mine = self._digests.get(message.node.address) or _Digests()
+        return {"differ": mine.differ(theirs)}
 
     async def _rpc_compare(self, message: wire.Compare) -> Payload:
         peer, bucket = message.node.value(), message.bucket
+        pacer = _Pacer(self.slice)
         want: list[str] = []
         newer: list[Payload] = []
         listed: set[bytes] = set()
         for key, timestamp, writer in message.entries:
+            await pacer.pause()
             version = Version(timestamp, writer)
             listed.add(key)
             record = await self.storage.get(key)
@@ -742,10 +830,10 @@ class KVService:
                 want.append(_b64(key))
             elif record.version > version:
                 newer.append(record.to_wire())
-        # records this node thinks the peer should hold in this bucket but the peer did not list
-        for key in self._shared.get(peer.address, {}).get(bucket, {}):
-            if key not in listed:
-                record = await self.storage.get(key)
-                if record is not None:
+        # records this node thinks the peer should hold in this bucket (as its last pass placed them)
+        # but the peer did not list
+        if self._placement is not None:
+            async for record in self._shared_in(peer.address, bucket, self._placement, pacer):
+                if record.key not in listed:
                     newer.append(record.to_wire())
         return {"want": want, "records": newer}

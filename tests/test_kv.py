@@ -84,8 +84,9 @@ async def test_a_leaving_node_hands_over_every_key(make_ring: RingFactory) -> No
     nodes = await make_ring(4, seed=2)
     for i in range(100):
         await nodes[0].put(f"k{i}", b"x")
-    leaver = max(nodes, key=lambda n: len(n.kv.storage._records))  # type: ignore[attr-defined]
-    count = await leaver.storage.count()
+    held = {node.address: await node.storage.count() for node in nodes}
+    leaver = max(nodes, key=lambda n: held[n.address])
+    count = held[leaver.address]
     assert count > 0
     successor = leaver.chord.successor
     await leaver.leave()
@@ -164,6 +165,49 @@ async def test_anti_entropy_converges_replicas_without_reads(
     counts = await copies(nodes)
     assert set(counts.values()) == {3}
     assert len(counts) == 120
+
+
+async def test_a_replica_that_lost_keys_gets_them_back_when_it_compares(make_ring: RingFactory) -> None:
+    """The lost keys are in nobody's list but the peers': they come back as the records a peer reads from
+    its own storage for the buckets that differ (no copy of the keys is kept between passes)."""
+    nodes = await make_ring(3)  # N = 3: every node replicates every key
+    for i in range(60):
+        await nodes[i % 3].put(f"k{i}", f"v{i}".encode())
+    await settle(nodes)
+    amnesiac = nodes[1]
+    lost = [r for r in await amnesiac.local_records() if int(r.key[1:]) % 4 == 0]
+    assert await amnesiac.storage.remove(lost) == 15
+    report = await amnesiac.kv.maintain()  # the peers only answer: their last passes placed the keys
+    assert report.pulled == 15
+    assert report.pushed == 0
+    for record in lost:
+        assert await amnesiac.storage.get(record.key) == record
+    again = await amnesiac.kv.maintain()
+    assert (again.pulled, again.pushed) == (0, 0)
+
+
+async def test_a_maintenance_pass_yields_to_the_event_loop_between_slices(make_ring: RingFactory) -> None:
+    (node,) = await make_ring(1, **SOLO)
+    for i in range(500):
+        await node.storage.put(Record(f"k{i}".encode(), b"v", Version(node.kv.clock.now(), node.info.id)))
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await asyncio.sleep(0)
+            ticks += 1
+
+    node.kv.slice = 0.0  # every record is a slice: the count of turns the loop gets is exact
+    task = asyncio.ensure_future(ticker())
+    try:
+        report = await node.kv.maintain()
+    finally:
+        stop.set()
+        await task
+    assert report.records == 500
+    assert ticks >= 500  # a pass that never yielded would let the ticker run once at most, at the end
 
 
 async def test_old_tombstones_are_collected(make_ring: RingFactory) -> None:
