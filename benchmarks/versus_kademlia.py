@@ -43,7 +43,8 @@ Exit status: 0 when both systems started and every row ran (failed operations ar
 table, not in the status); 1 when a system failed to start or settle; 130 when interrupted.
 
 Run: python benchmarks/versus_kademlia.py [--keys 2000] [--value-bytes 64] [--concurrency 32]
-     [--nodes 5] [--warmup 200] [--transport aiohttp] [--seed S] [--json out.json]
+     [--nodes 5] [--warmup 200] [--transport stream] [--quorums 3,2,2] [--loop asyncio|uvloop]
+     [--seed S] [--json out.json]
      [--baseline old.json]   (adds columns: each system's ops/s relative to the baseline run)
 Needs the ``bench`` extra (``pip install -e '.[bench]'``), which brings kademlia.
 """
@@ -240,14 +241,25 @@ async def balancer_settled(nodes: Sequence[Node]) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def balancer_ring(count: int, transport: str, seed: int) -> AsyncIterator[System]:
+async def balancer_ring(
+    count: int, transport: str, seed: int, quorums: tuple[int, int, int] = (3, 2, 2)
+) -> AsyncIterator[System]:
     """``count`` nodes on 127.0.0.1, node 0 creating the ring and the others joining through it; yields
     node 0's set and get once the ring has settled. Every node is closed at the end."""
     nodes: list[Node] = []
     async with contextlib.AsyncExitStack() as stack:
         try:
             for i in range(count):
-                config = Config(host=HOST, transport=transport, load_entrypoints=False, seed=seed + i)
+                replicas, write, read = quorums
+                config = Config(
+                    host=HOST,
+                    transport=transport,
+                    load_entrypoints=False,
+                    seed=seed + i,
+                    replicas=replicas,
+                    write_quorum=write,
+                    read_quorum=read,
+                )
                 node = Node(config, join=nodes[0].address if nodes else None)
                 stack.push_async_callback(node.close)
                 nodes.append(await node.start())
@@ -349,7 +361,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     keys = make_keys(args.keys, args.seed)
     async with kademlia_network(args.nodes, args.seed) as system:
         rows, remote = await measure("kademlia", system, args, keys, None)
-    async with balancer_ring(args.nodes, args.transport, args.seed) as system:
+    async with balancer_ring(args.nodes, args.transport, args.seed, args.quorums) as system:
         rows += (await measure("balancer", system, args, keys, remote))[0]
     return rows, len(keys) - len(remote)
 
@@ -357,6 +369,15 @@ async def bench(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
 def row_key(row: Mapping[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['system']}/{row['operation']}"
+
+
+def quorums(text: str) -> tuple[int, int, int]:
+    """``N,W,R`` as three positive integers."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N,W,R such as 3,2,2, got {text!r}")
+    n, w, r = (int(p) for p in parts)
+    return n, w, r
 
 
 def versions(transport: str) -> str:
@@ -429,6 +450,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--transport", default=Config().transport, help="balancer's transport plugin (default: %(default)s)"
     )
+    parser.add_argument(
+        "--quorums",
+        type=quorums,
+        default=(3, 2, 2),
+        help="balancer's N,W,R (default 3,2,2; 3,3,1 keeps R + W > N and reads one replica, often local)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop both systems run on (uvloop: pip install 'balancer[fast]')",
+    )
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--baseline", help="compare ops/s with rows saved by --json")
@@ -440,10 +473,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"balancer against kademlia: {args.nodes} nodes each in one process, every operation through "
         f"node 0, {args.keys:,} keys, values of {args.value_bytes} bytes, {args.concurrency} in flight "
-        f"in the concurrent rows, {args.warmup} warm-up keys, seed {args.seed}\n{versions(args.transport)}\n"
+        f"in the concurrent rows, {args.warmup} warm-up keys, seed {args.seed}, balancer N,W,R = "
+        f"{','.join(map(str, args.quorums))}, {args.loop} event loop\n{versions(args.transport)}\n"
     )
     try:
-        rows, held = asyncio.run(bench(args))
+        factory = None
+        if args.loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            rows, held = runner.run(bench(args))
     except StartError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

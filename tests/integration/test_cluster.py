@@ -6,15 +6,23 @@ from __future__ import annotations
 import io
 
 import aiohttp
+import pytest
 from processes import Cluster, kill9, ring_correct, status, terminate, until
 
 
-async def test_five_processes_share_keys_survive_a_leave_and_heal_after_kill9(cluster: Cluster) -> None:
-    first = cluster.start()
+@pytest.mark.parametrize(
+    "transports",
+    [("stream",) * 5, ("stream", "aiohttp", "stream", "aiohttp", "stream")],
+    ids=["stream", "mixed"],  # mixed: aiohttp nodes call over HTTP, stream nodes fall back to it for them
+)
+async def test_five_processes_share_keys_survive_a_leave_and_heal_after_kill9(
+    cluster: Cluster, transports: tuple[str, ...]
+) -> None:
+    first = cluster.start(extra=("--transport", transports[0]))
     async with aiohttp.ClientSession() as http:
         await until(lambda: _answers(http, first.address), what="the first node answering")
-        for _ in range(4):
-            cluster.start(join=first.address)
+        for transport in transports[1:]:
+            cluster.start(join=first.address, extra=("--transport", transport))
         addresses = [p.address for p in cluster.procs]
         # 5 processes x 32 vnodes settle in about 5 s on a busy 2-core machine, with a tail past 30 s
         await until(lambda: ring_correct(http, addresses), timeout=60, what="5-node ring convergence")
