@@ -33,7 +33,6 @@ key's next candidate when a backend fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import math
@@ -41,9 +40,8 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -108,6 +106,9 @@ _NOT_PASSED = _HOP_BY_HOP | {
 }
 """Request headers a forward never passes on: hop-by-hop ones, and the ones it writes itself."""
 
+_NOT_PASSED_RAW = frozenset(h.encode() for h in _NOT_PASSED)
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+
 _BUFFERED = 1 << 16
 """Bodies up to this size with a known length travel in one piece: a request's is read before it is sent
 on (over the router's own keep-alive connections), an upstream answer's is sent back in one write."""
@@ -160,8 +161,10 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 def _release(balancer: BoundedLoadBalancer, lease: Lease) -> None:
     """Give ``lease`` back; a balancer whose last node left meanwhile has dropped it already."""
-    with contextlib.suppress(BalancerError):
+    try:  # not contextlib.suppress: this runs once per proxied request, and the context manager costs
         balancer.release(lease)
+    except BalancerError:
+        log.debug("the lease %s was dropped with its node", lease)
 
 
 def _http_url(address: str) -> str:
@@ -283,9 +286,9 @@ class _StaleConnectionError(_UpstreamError):
     as the request went out (its idle timeout), so the request may not have been seen at all."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """The head of an upstream answer and how its body is framed."""
+class _Answer(NamedTuple):
+    """The head of an upstream answer and how its body is framed (a named tuple: one is made per
+    proxied request, and a tuple is made at a third of a frozen dataclass's cost)."""
 
     status: int
     reason: str
@@ -298,6 +301,10 @@ class _Answer:
     """Whether the connection may carry another exchange once this body is read."""
 
 
+_FRAMING = _HOP_BY_HOP | {"content-length"}
+"""Answer headers that say how the answer is framed, or are hop-by-hop: looked at one by one."""
+
+
 def _parse_head(head: bytes, method: str) -> _Answer | None:
     """The answer whose head (without its final empty line) is ``head``; ``None`` for an interim 1xx
     answer, to be skipped. Raises :class:`_UpstreamError` for anything but a well-formed HTTP/1.x head.
@@ -307,12 +314,16 @@ def _parse_head(head: bytes, method: str) -> _Answer | None:
     # a CR or LF that is not part of a line ending could smuggle a header into what the client sees
     if not (head.count(b"\n") == head.count(b"\r") == len(lines) - 1) or b"\0" in head:
         raise _UpstreamError("the answer's head has stray line breaks")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or not (code.isascii() and code.isdigit()):
-        raise _UpstreamError(f"not an HTTP/1.1 status line: {lines[0][:60]!r}")
-    if rest[3:4] not in ("", " ") or code[0] == "0":
-        raise _UpstreamError(f"not an HTTP/1.1 status line: {lines[0][:60]!r}")
+    first = lines[0]  # "HTTP/1.1 200 OK"
+    version, code = first[:8], first[9:12]
+    if (
+        version not in ("HTTP/1.1", "HTTP/1.0")
+        or first[8:9] != " "
+        or first[12:13] not in ("", " ")
+        or not (code.isascii() and code.isdigit())
+        or code[0] == "0"
+    ):
+        raise _UpstreamError(f"not an HTTP/1.1 status line: {first[:60]!r}")
     status = int(code)
     if status < 200:
         if status == 101:  # nothing asked to switch protocols: Upgrade is never forwarded
@@ -328,33 +339,34 @@ def _parse_head(head: bytes, method: str) -> _Answer | None:
             raise _UpstreamError(f"malformed header line in the answer: {line[:60]!r}")
         value = value.strip(" \t")
         lower = name.lower()
-        if lower in _HOP_BY_HOP:
-            if lower == "transfer-encoding":
-                codings += (c.strip().lower() for c in value.split(","))
-            elif lower == "connection":
-                tokens.update(t.strip().lower() for t in value.split(","))
-            continue
-        if lower == "content-length":
+        if lower not in _FRAMING:
+            headers.append((name, value))
+        elif lower == "content-length":
             for part in value.split(","):
-                digits = part.strip()
+                digits = part.strip(" \t")
                 if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
                     raise _UpstreamError(f"malformed Content-Length in the answer: {value[:40]!r}")
                 if length is not None and int(digits) != length:
                     raise _UpstreamError(f"conflicting Content-Length in the answer: {value[:40]!r}")
                 length = int(digits)
-        headers.append((name, value))
+            headers.append((name, value))
+        elif lower == "transfer-encoding":
+            codings += (c.strip(" \t").lower() for c in value.split(","))
+        elif lower == "connection":
+            tokens.update(t.strip(" \t").lower() for t in value.split(","))
     tokens.discard("")
     if tokens:
         headers = [(k, v) for k, v in headers if k.lower() not in tokens]
     keep_alive = version == "HTTP/1.1" and "close" not in tokens
+    reason = first[13:]
     if method == "HEAD" or status in (204, 304):
-        return _Answer(status, rest[4:], headers, 0, False, keep_alive)
+        return _Answer(status, reason, headers, 0, False, keep_alive)
     if codings:
         if codings != ["chunked"]:  # only chunked is undone here; anything else would reach the client
             raise _UpstreamError(f"unsupported transfer coding in the answer: {', '.join(codings)}")
         # RFC 9112 section 6.3: chunked wins over a Content-Length, and the connection is not trusted after
-        return _Answer(status, rest[4:], headers, None, True, keep_alive and length is None)
-    return _Answer(status, rest[4:], headers, length, False, keep_alive and length is not None)
+        return _Answer(status, reason, headers, None, True, keep_alive and length is None)
+    return _Answer(status, reason, headers, length, False, keep_alive and length is not None)
 
 
 class _Channel(asyncio.Protocol):
@@ -623,20 +635,28 @@ class _Pool:
         """A connection to ``upstream`` whose exchange must end by ``deadline`` (event-loop clock): an
         idle one (unless ``fresh``), else a new one once the limit allows. Raises ``TimeoutError`` when
         none is had by the deadline, ``OSError`` when the backend cannot be reached."""
+        if not fresh:
+            idle = self.take(upstream, deadline)
+            if idle is not None:
+                return idle
         if self._closed:
             raise _UpstreamError("the router is closing")
-        if not fresh:
-            now = self.loop.time()
-            while upstream.idle:
-                channel = upstream.idle.pop()
-                if not (channel.eof or channel.buffer) and now - channel.idle_since < _IDLE_SECONDS:
-                    self.watch(channel, deadline)
-                    return channel
-                channel.close()
         async with asyncio.timeout_at(deadline):
             channel = await self._open(upstream)
         self.watch(channel, deadline)
         return channel
+
+    def take(self, upstream: _Upstream, deadline: float) -> _Channel | None:
+        """An idle connection to ``upstream`` (watched until ``deadline``), or ``None`` if none is left:
+        :meth:`acquire` without a coroutine, for the usual case."""
+        now = self.loop.time()
+        while upstream.idle:
+            channel = upstream.idle.pop()
+            if not (channel.eof or channel.buffer) and now - channel.idle_since < _IDLE_SECONDS:
+                self.watch(channel, deadline)
+                return channel
+            channel.close()
+        return None
 
     def watch(self, channel: _Channel, deadline: float) -> None:
         """Expire ``channel``'s exchange at ``deadline`` (within a tick), until it is released."""
@@ -940,27 +960,28 @@ class RingRouter:
             return _error(508, "LoopDetected", f"request forwarded {hops} times already; not passing it on")
         if self._session is None or self._pool is None:
             raise RuntimeError("the router is not started: install it with setup_routing(app, ...)")
-        headers = self._forward_headers(request, owner, hops)
+        named = _named(request.headers.get("Connection"))
+        added = self._added_headers(request, owner, hops, named)
         upstream = self._pool.upstream(base)
         if upstream is not None and _sized(request):
-            return await self._exchange(request, owner, upstream, target, headers)
-        return await self._stream(request, owner, base + target, headers)
-
-    def _forward_headers(self, request: web.Request, owner: str, hops: int) -> list[tuple[str, str]]:
-        """The headers a forward of ``request`` to ``owner`` carries: the end-to-end ones, the hop count,
-        the proof (with a secret) and the ``X-Forwarded-`` pair."""
-        given = request.headers
-        named = _named(given.get("Connection"))
+            return await self._exchange(request, owner, upstream, target, named, added)
         dropped = _NOT_PASSED | named if named else _NOT_PASSED
-        headers = [(k, v) for k, v in given.items() if k.lower() not in dropped]
-        headers.append((HOPS_HEADER, str(hops + 1)))
+        passed = [(k, v) for k, v in request.headers.items() if k.lower() not in dropped]
+        return await self._stream(request, owner, base + target, passed + added)
+
+    def _added_headers(
+        self, request: web.Request, owner: str, hops: int, named: frozenset[str]
+    ) -> list[tuple[str, str]]:
+        """The headers a forward of ``request`` to ``owner`` writes itself: the hop count, the proof
+        (with a secret) and the ``X-Forwarded-`` pair. ``named``: what the request's ``Connection`` lists."""
+        headers = [(HOPS_HEADER, str(hops + 1))]
         if self.secret is not None:
             timestamp = str(int(time.time() * 1000))
             proof = _forward_proof(
                 self.secret, hops + 1, request.method, owner, request.rel_url.path_qs, timestamp
             )
             headers.append((FORWARDED_HEADER, f"{timestamp}:{proof}"))
-        before = None if "x-forwarded-for" in named else given.get("X-Forwarded-For")
+        before = None if "x-forwarded-for" in named else request.headers.get("X-Forwarded-For")
         headers.append(("X-Forwarded-For", ", ".join(filter(None, [before, request.remote]))))
         headers.append(("X-Forwarded-Host", request.host))
         return headers
@@ -971,10 +992,12 @@ class RingRouter:
         owner: str,
         upstream: _Upstream,
         target: str,
-        headers: list[tuple[str, str]],
+        named: frozenset[str],
+        added: list[tuple[str, str]],
     ) -> web.StreamResponse:
         """Forward ``request`` (no body, or a small one of known length) over the router's own
-        connections; the answer comes back in one piece when it is small and sized, else streamed."""
+        connections; the answer comes back in one piece when it is small and sized, else streamed.
+        ``named`` and ``added`` as for :meth:`_added_headers`."""
         assert self._pool is not None
         pool = self._pool
         method = request.method
@@ -984,18 +1007,26 @@ class RingRouter:
             )
         except asyncio.IncompleteReadError:
             return _error(400, "BadRequestError", "the request's body ended before its Content-Length")
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {upstream.authority}"]
-        lines += [f"{k}: {v}" for k, v in headers]
-        head = "\r\n".join(lines) + "\r\n\r\n"
+        # the client's headers as they came (bytes: nothing to decode and encode again)
+        dropped = _NOT_PASSED_RAW | {n.encode() for n in named} if named else _NOT_PASSED_RAW
+        parts = [f"{method} {target} HTTP/1.1\r\nHost: {upstream.authority}\r\n".encode()]
+        lines = 2 + len(added)
+        for name, value in request.raw_headers:
+            if name.lower() not in dropped:
+                parts += (name, b": ", value, b"\r\n")
+                lines += 1
+        parts.append("".join([f"{k}: {v}\r\n" for k, v in added]).encode("utf-8", "surrogateescape"))
+        parts.append(b"\r\n")
+        head = b"".join(parts)
         # the parser let no line break into a header nor a space into the target; never send one that did
-        if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1 or " " in target:
+        if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1 or " " in target:
             return _error(400, "BadRequestError", "the request's head cannot be forwarded as it is")
-        data = head.encode("utf-8", "surrogateescape") + body
+        data = head + body if body else head
         channel: _Channel | None = None
         streamed: web.StreamResponse | None = None
         deadline = pool.loop.time() + self.timeout
         try:
-            channel = await pool.acquire(upstream, deadline)
+            channel = pool.take(upstream, deadline) or await pool.acquire(upstream, deadline)
             try:
                 channel.send(data)
                 answer = await channel.read_answer(method)
@@ -1046,6 +1077,10 @@ class RingRouter:
                 data=body,
                 allow_redirects=False,
                 timeout=self._client_timeout,
+                # a proxy passes on what the client sent: aiohttp adds none of its defaults, as the
+                # router's own client does not (an Accept-Encoding added here would bring the client
+                # a compressed body it never asked for)
+                skip_auto_headers=_NO_AUTO_HEADERS,
             ) as upstream:
                 passed = _forwardable(upstream.headers)
                 size = upstream.content_length

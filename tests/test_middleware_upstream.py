@@ -604,3 +604,23 @@ async def test_one_connection_shared_by_two_backends() -> None:
                         assert await resp.read() == b"GET "
             await until(lambda: one.open + two.open <= 1, "at most one connection open")
         assert one.connections == two.connections == 3
+
+
+@pytest.mark.parametrize("body", [b"", b"x" * (1 << 17)], ids=["own client", "aiohttp"])
+async def test_both_clients_pass_on_the_same_headers(body: bytes) -> None:
+    async def answer(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        writer.write(sized(b"ok"))
+        return True
+
+    async with through(answer) as (backend, door, http):
+        headers = {"User-Agent": "test-agent/1", "X-Custom": "kept"}
+        async with http.post(
+            door.url + "k", data=body, headers=headers, skip_auto_headers=["Accept"]
+        ) as resp:
+            assert resp.status == 200
+        (seen,) = backend.seen
+    assert seen.body == body
+    assert seen.headers["user-agent"] == "test-agent/1"
+    assert seen.headers["x-custom"] == "kept"
+    assert "accept" not in seen.headers  # the client sent none, and none is added on the way
+    assert seen.headers["x-balancer-hops"] == "1"
