@@ -8,6 +8,11 @@ backends, where the load is the number of requests in flight. If the owner is th
 handled here; otherwise it is proxied to the owner (bodies streamed both ways, hop-by-hop headers
 stripped) or, in ``"redirect"`` mode, answered with 307 to the owner.
 
+Requests without a body or with a small one of known length (the usual API call) are proxied over the
+router's own keep-alive HTTP/1.1 connections to the owners, with one write per request; requests whose
+body must stream, and owners whose base URL is not plain ``http://host:port``, go through aiohttp's
+client. Either way the target is passed on as the client sent it (still percent-encoded).
+
 With a ring node and a ``load_factor``, the router balances instead over the ring's live members: a
 :class:`MemberBalancer` keeps a bounded-load balancer whose node names are the addresses of the members the
 node sees live, weighted by their ``weight``, and follows the node's ``balancer_membership_changed`` event,
