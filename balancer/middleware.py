@@ -8,6 +8,11 @@ backends, where the load is the number of requests in flight. If the owner is th
 handled here; otherwise it is proxied to the owner (bodies streamed both ways, hop-by-hop headers
 stripped) or, in ``"redirect"`` mode, answered with 307 to the owner.
 
+Requests without a body or with a small one of known length (the usual API call) are proxied over the
+router's own keep-alive HTTP/1.1 connections to the owners, with one write per request; requests whose
+body must stream, and owners whose base URL is not plain ``http://host:port``, go through aiohttp's
+client. Either way the target is passed on as the client sent it (still percent-encoded).
+
 With a ring node and a ``load_factor``, the router balances instead over the ring's live members: a
 :class:`MemberBalancer` keeps a bounded-load balancer whose node names are the addresses of the members the
 node sees live, weighted by their ``weight``, and follows the node's ``balancer_membership_changed`` event,
@@ -32,21 +37,24 @@ key's next candidate when a backend fails.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hmac
 import logging
 import math
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler as WebHandler
 from aiohttp.typedefs import Middleware
-from multidict import CIMultiDict
+from yarl import URL
 
 from balancer.auth import rpc_secret, sign
 from balancer.bounded import DEFAULT_LOAD_FACTOR, BoundedLoadBalancer, Lease, Move
@@ -98,7 +106,21 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-_BUFFERED = 1 << 16  # upstream bodies up to this size (with a Content-Length) are sent back in one piece
+_NOT_PASSED = _HOP_BY_HOP | {
+    h.lower() for h in (HOPS_HEADER, FORWARDED_HEADER, "X-Forwarded-For", "X-Forwarded-Host")
+}
+"""Request headers a forward never passes on: hop-by-hop ones, and the ones it writes itself."""
+
+_NOT_PASSED_RAW = frozenset(h.encode() for h in _NOT_PASSED)
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+
+_BUFFERED = 1 << 16
+"""Bodies up to this size with a known length travel in one piece: a request's is read before it is sent
+on (over the router's own keep-alive connections), an upstream answer's is sent back in one write."""
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""Methods a request may be sent again with (RFC 9110 section 9.2.2) when a kept-alive connection turns
+out to have been closed by the backend as the request went out."""
 
 
 def default_key(request: web.Request) -> str | None:
@@ -106,10 +128,18 @@ def default_key(request: web.Request) -> str | None:
     return request.match_info.get("key") or request.headers.get(KEY_HEADER)
 
 
-def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    named = {v.strip().lower() for v in headers.get("Connection", "").split(",") if v.strip()}
-    dropped = _HOP_BY_HOP | named if named else _HOP_BY_HOP
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
+def _named(connection: str | None) -> frozenset[str]:
+    """The header names a ``Connection`` header's value lists, lowercase (RFC 9110 section 7.6.1)."""
+    if not connection:
+        return frozenset()
+    return frozenset(t for t in (v.strip().lower() for v in connection.split(",")) if t)
+
+
+def _forwardable(headers: Mapping[str, str], always: frozenset[str] = _HOP_BY_HOP) -> list[tuple[str, str]]:
+    """The headers of ``headers`` a proxy passes on: none of ``always``, nor any its ``Connection`` names."""
+    named = _named(headers.get("Connection"))
+    dropped = always | named if named else always
+    return [(k, v) for k, v in headers.items() if k.lower() not in dropped]
 
 
 def _forward_proof(secret: str, hops: int, method: str, owner: str, path_qs: str, timestamp: str) -> str:
@@ -136,8 +166,10 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 def _release(balancer: BoundedLoadBalancer, lease: Lease) -> None:
     """Give ``lease`` back; a balancer whose last node left meanwhile has dropped it already."""
-    with contextlib.suppress(BalancerError):
+    try:  # not contextlib.suppress: this runs once per proxied request, and the context manager costs
         balancer.release(lease)
+    except BalancerError:
+        log.debug("the lease %s was dropped with its node", lease)
 
 
 def _http_url(address: str) -> str:
@@ -227,6 +259,527 @@ class MemberBalancer:
             return None
 
 
+# -- the proxy's own keep-alive client ------------------------------------------------------------
+#
+# Most proxied requests are small and sized: a GET, or a body of a few KiB with a Content-Length. For those
+# aiohttp's client spends most of a request's CPU on machinery a proxy does not use (a timeout context and
+# trace hooks per request, the cookie jar, URL building, header objects made and copied several times), so
+# the router sends them over its own connections: one buffered write of the request, the answer parsed
+# from the bytes as they arrive. Requests with bodies that must stream (large, or of unknown length) and
+# backends that are not plain ``http://host:port`` take aiohttp's client as before.
+
+_MAX_HEAD = 1 << 16
+"""Most bytes an upstream answer's status line and headers may take."""
+_MAX_LINE = 1 << 12
+"""Most bytes a chunk-size line or a trailer line of a chunked upstream answer may take."""
+_HIGH_WATER = 1 << 18
+"""An upstream connection stops reading while this many bytes wait for the client to take them."""
+_IDLE_SECONDS = 15.0
+"""A kept-alive connection idle this long is closed instead of reused (aiohttp's client default)."""
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (RFC 9110 section 5.6.2)."""
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+"""The size of one chunk of a chunked body, in hex; 15 digits are beyond any body this proxy passes."""
+
+
+class _UpstreamError(Exception):
+    """The backend broke the exchange: it closed the connection early or answered what is not HTTP/1.1."""
+
+
+class _StaleConnectionError(_UpstreamError):
+    """A kept-alive connection was closed before a byte of the answer came: the backend may have closed it
+    as the request went out (its idle timeout), so the request may not have been seen at all."""
+
+
+class _Answer(NamedTuple):
+    """The head of an upstream answer and how its body is framed (a named tuple: one is made per
+    proxied request, and a tuple is made at a third of a frozen dataclass's cost)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    """The end-to-end headers, in order: hop-by-hop ones and those ``Connection`` names are left out."""
+    length: int | None
+    """Bytes of body; ``None`` with :attr:`chunked` false means the body runs until the backend closes."""
+    chunked: bool
+    keep_alive: bool
+    """Whether the connection may carry another exchange once this body is read."""
+
+
+_FRAMING = _HOP_BY_HOP | {"content-length"}
+"""Answer headers that say how the answer is framed, or are hop-by-hop: looked at one by one."""
+
+
+def _parse_head(head: bytes, method: str) -> _Answer | None:
+    """The answer whose head (without its final empty line) is ``head``; ``None`` for an interim 1xx
+    answer, to be skipped. Raises :class:`_UpstreamError` for anything but a well-formed HTTP/1.x head.
+    """
+    text = head.decode("utf-8", "surrogateescape")  # as aiohttp decodes headers, so bytes round-trip
+    lines = text.split("\r\n")
+    # a CR or LF that is not part of a line ending could smuggle a header into what the client sees
+    if not (head.count(b"\n") == head.count(b"\r") == len(lines) - 1) or b"\0" in head:
+        raise _UpstreamError("the answer's head has stray line breaks")
+    first = lines[0]  # "HTTP/1.1 200 OK"
+    version, code = first[:8], first[9:12]
+    if (
+        version not in ("HTTP/1.1", "HTTP/1.0")
+        or first[8:9] != " "
+        or first[12:13] not in ("", " ")
+        or not (code.isascii() and code.isdigit())
+        or code[0] == "0"
+    ):
+        raise _UpstreamError(f"not an HTTP/1.1 status line: {first[:60]!r}")
+    status = int(code)
+    if status < 200:
+        if status == 101:  # nothing asked to switch protocols: Upgrade is never forwarded
+            raise _UpstreamError("the backend switched protocols unasked")
+        return None
+    headers: list[tuple[str, str]] = []
+    length: int | None = None
+    codings: list[str] = []
+    tokens: set[str] = set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise _UpstreamError(f"malformed header line in the answer: {line[:60]!r}")
+        value = value.strip(" \t")
+        lower = name.lower()
+        if lower not in _FRAMING:
+            headers.append((name, value))
+        elif lower == "content-length":
+            for part in value.split(","):
+                digits = part.strip(" \t")
+                if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+                    raise _UpstreamError(f"malformed Content-Length in the answer: {value[:40]!r}")
+                if length is not None and int(digits) != length:
+                    raise _UpstreamError(f"conflicting Content-Length in the answer: {value[:40]!r}")
+                length = int(digits)
+            headers.append((name, value))
+        elif lower == "transfer-encoding":
+            codings += (c.strip(" \t").lower() for c in value.split(","))
+        elif lower == "connection":
+            tokens.update(t.strip(" \t").lower() for t in value.split(","))
+    tokens.discard("")
+    if tokens:
+        headers = [(k, v) for k, v in headers if k.lower() not in tokens]
+    keep_alive = version == "HTTP/1.1" and "close" not in tokens
+    reason = first[13:]
+    if method == "HEAD" or status in (204, 304):
+        return _Answer(status, reason, headers, 0, False, keep_alive)
+    if codings:
+        if codings != ["chunked"]:  # only chunked is undone here; anything else would reach the client
+            raise _UpstreamError(f"unsupported transfer coding in the answer: {', '.join(codings)}")
+        # RFC 9112 section 6.3: chunked wins over a Content-Length, and the connection is not trusted after
+        return _Answer(status, reason, headers, None, True, keep_alive and length is None)
+    return _Answer(status, reason, headers, length, False, keep_alive and length is not None)
+
+
+class _Channel(asyncio.Protocol):
+    """One connection to a backend, carrying one exchange at a time; its :class:`_Pool` keeps it alive
+    between exchanges."""
+
+    def __init__(self, pool: _Pool, upstream: _Upstream) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.buffer = bytearray()
+        """Bytes received and not taken yet."""
+        self.eof = False
+        self.closed = False
+        self.used = False
+        """Whether an exchange completed on this connection before (so an early close may be stale)."""
+        self.idle_since = 0.0
+        self.deadline = math.inf
+        """When the exchange under way runs out of time (event-loop clock); see :meth:`_Pool.watch`."""
+        self.expired = False
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._forgotten = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer ``data``, wake the reader, and stop reading while the client is slower than the backend."""
+        self.buffer += data
+        if len(self.buffer) > _HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        """The backend is done sending: wake the reader; the transport closes."""
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Wake the reader and give the connection's place in the pool back."""
+        self.eof = self.closed = True
+        self._wake()
+        self._forget()
+
+    # exchanges
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` (a whole request); raises :class:`_StaleConnectionError` on a closed connection."""
+        if self.closed or self._transport is None or self._transport.is_closing():
+            raise _StaleConnectionError("the connection was closed")
+        self._transport.write(data)
+
+    async def more(self) -> bool:
+        """Wait until more bytes arrived or the backend stopped sending; ``False`` once it has stopped.
+        Raises ``TimeoutError`` once the exchange's deadline passed."""
+        if self.expired:
+            raise TimeoutError
+        if self.eof:
+            return False
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        waiter = self._waiter = self.pool.loop.create_future()
+        await waiter
+        return True
+
+    async def read_answer(self, method: str) -> _Answer:
+        """The head of the answer to the request sent last; interim 1xx answers are skipped."""
+        interim = False
+        while True:
+            searched = 0
+            while (end := self.buffer.find(b"\r\n\r\n", searched)) < 0:
+                if len(self.buffer) > _MAX_HEAD:
+                    raise _UpstreamError(f"the answer's head is larger than {_MAX_HEAD} bytes")
+                searched = max(0, len(self.buffer) - 3)
+                if not await self.more():
+                    if not self.buffer and self.used and not interim:
+                        raise _StaleConnectionError("the backend closed a kept-alive connection unanswered")
+                    raise _UpstreamError("the backend closed the connection before its answer's head ended")
+            head = bytes(self.buffer[:end])
+            del self.buffer[: end + 4]
+            answer = _parse_head(head, method)
+            if answer is not None:
+                return answer
+            interim = True
+
+    async def read_exactly(self, size: int) -> bytes | bytearray:
+        """The next ``size`` bytes; :class:`_UpstreamError` if the backend stops sending first."""
+        buffer = self.buffer
+        while len(buffer) < size:
+            if not await self.more():
+                raise _UpstreamError(
+                    f"the backend closed the connection {len(buffer)} bytes into a {size}-byte body"
+                )
+        if len(buffer) == size:  # the usual case: hand the buffer over instead of copying it
+            self.buffer = bytearray()
+            return buffer
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    async def copy_body(self, answer: _Answer, write: Callable[[bytes | bytearray], Awaitable[None]]) -> None:
+        """Pass ``answer``'s body to ``write`` piece by piece, as it arrives (chunked framing undone)."""
+        if answer.chunked:
+            while size := await self._chunk_size():
+                await self._copy(size, write)
+                if await self._line() != b"":
+                    raise _UpstreamError("a chunk of the answer is longer than its size")
+            trailers = 0
+            while line := await self._line():  # trailers are not passed on (Trailer is hop-by-hop)
+                trailers += len(line)
+                if trailers > _MAX_HEAD:
+                    raise _UpstreamError(f"the answer's trailers are larger than {_MAX_HEAD} bytes")
+        elif answer.length is not None:
+            await self._copy(answer.length, write)
+        else:
+            while self.buffer or await self.more():
+                if self.buffer:
+                    await write(self._take(len(self.buffer)))
+
+    def reusable(self, answer: _Answer) -> bool:
+        """Whether the connection may carry another exchange now that ``answer`` was read whole."""
+        return answer.keep_alive and not self.buffer and not self.eof and not self.closed
+
+    def expire(self) -> None:
+        """The exchange's deadline passed: the reader gets ``TimeoutError`` now or at its next wait."""
+        self.expired = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def close(self) -> None:
+        """Close the connection (its exchange is abandoned) and give its place in the pool back."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+        self._forget()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _forget(self) -> None:
+        if not self._forgotten:
+            self._forgotten = True
+            self.pool.forget(self)
+
+    def _take(self, size: int) -> bytes | bytearray:
+        buffer = self.buffer
+        if len(buffer) <= size:
+            self.buffer = bytearray()
+            return buffer
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    async def _copy(self, size: int, write: Callable[[bytes | bytearray], Awaitable[None]]) -> None:
+        while size:
+            if not self.buffer and not await self.more():
+                raise _UpstreamError("the backend closed the connection before the answer's body ended")
+            if self.buffer:
+                data = self._take(size)
+                size -= len(data)
+                await write(data)
+
+    async def _line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            if len(self.buffer) > _MAX_LINE:
+                raise _UpstreamError("a line of the chunked answer is too long")
+            if not await self.more():
+                raise _UpstreamError("the backend closed the connection inside a chunked answer")
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    async def _chunk_size(self) -> int:
+        line = await self._line()
+        digits = line.partition(b";")[0].strip(b" \t")  # chunk extensions are ignored
+        if _CHUNK_SIZE.fullmatch(digits) is None:
+            raise _UpstreamError(f"malformed chunk size in the answer: {line[:40]!r}")
+        return int(digits, 16)
+
+
+class _Upstream:
+    """A backend the router reaches over its own connections, and its idle kept-alive connections."""
+
+    __slots__ = ("authority", "host", "idle", "port")
+
+    def __init__(self, host: str, port: int, authority: str) -> None:
+        self.host = host
+        self.port = port
+        self.authority = authority
+        """The ``Host`` header the backend gets (``host:port``, the port left out when it is 80)."""
+        self.idle: list[_Channel] = []
+        """Idle connections, the most recently used last."""
+
+
+def _upstream(base: str) -> _Upstream | None:
+    """The backend at base URL ``base`` if it is plain ``http://host[:port]`` (no path, no user), else
+    ``None``: the router's own client does not speak TLS nor rebase paths."""
+    try:
+        parts = urlsplit(base)
+        port = parts.port or 80
+    except ValueError:
+        return None
+    host = parts.hostname
+    if (
+        parts.scheme != "http"
+        or not host
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9.:\[\]_%-]+", parts.netloc):
+        return None
+    name = f"[{host}]" if ":" in host else host
+    return _Upstream(host, port, name if port == 80 else f"{name}:{port}")
+
+
+class _Pool:
+    """The router's connections to its backends: kept alive between requests, at most ``limit`` open.
+
+    Exchanges run out of time by a sweep every ``tick`` seconds over the connections in use rather than
+    by a timer each: a timer per request costs more than the rest of the pool's work for it, and a
+    deadline met up to one tick late is still met.
+    """
+
+    def __init__(self, limit: int, tick: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.tick = tick
+        self.open = 0
+        """Connections open or being opened."""
+        self._upstreams: dict[str, _Upstream | None] = {}
+        self._waiters: deque[tuple[_Upstream, asyncio.Future[_Channel | None]]] = deque()
+        self._busy: set[_Channel] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def upstream(self, base: str) -> _Upstream | None:
+        """The backend at base URL ``base``, or ``None`` when the router's own client cannot reach it."""
+        try:
+            return self._upstreams[base]
+        except KeyError:
+            pass
+        if len(self._upstreams) >= 4096:  # base URLs of members long gone: start afresh
+            self._upstreams = {b: u for b, u in self._upstreams.items() if u is not None and u.idle}
+        found = self._upstreams[base] = _upstream(base)
+        return found
+
+    def idle(self) -> int:
+        """How many idle connections the pool keeps."""
+        return sum(len(u.idle) for u in self._upstreams.values() if u is not None)
+
+    async def acquire(self, upstream: _Upstream, deadline: float, *, fresh: bool = False) -> _Channel:
+        """A connection to ``upstream`` whose exchange must end by ``deadline`` (event-loop clock): an
+        idle one (unless ``fresh``), else a new one once the limit allows. Raises ``TimeoutError`` when
+        none is had by the deadline, ``OSError`` when the backend cannot be reached."""
+        if not fresh:
+            idle = self.take(upstream, deadline)
+            if idle is not None:
+                return idle
+        if self._closed:
+            raise _UpstreamError("the router is closing")
+        async with asyncio.timeout_at(deadline):
+            channel = await self._open(upstream)
+        self.watch(channel, deadline)
+        return channel
+
+    def take(self, upstream: _Upstream, deadline: float) -> _Channel | None:
+        """An idle connection to ``upstream`` (watched until ``deadline``), or ``None`` if none is left:
+        :meth:`acquire` without a coroutine, for the usual case."""
+        now = self.loop.time()
+        while upstream.idle:
+            channel = upstream.idle.pop()
+            if not (channel.eof or channel.buffer) and now - channel.idle_since < _IDLE_SECONDS:
+                self.watch(channel, deadline)
+                return channel
+            channel.close()
+        return None
+
+    def watch(self, channel: _Channel, deadline: float) -> None:
+        """Expire ``channel``'s exchange at ``deadline`` (within a tick), until it is released."""
+        channel.deadline = deadline
+        channel.expired = False
+        self._busy.add(channel)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_at(self.loop.time() + self.tick, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for channel in [c for c in self._busy if c.deadline <= now]:
+            self._busy.discard(channel)
+            channel.expire()
+        self._sweeper = self.loop.call_at(now + self.tick, self._sweep) if self._busy else None
+
+    async def _open(self, upstream: _Upstream) -> _Channel:
+        """A new connection to ``upstream``, once fewer than ``limit`` are open (or one handed over)."""
+        while self.open >= self.limit:
+            if self._evict():
+                continue
+            waiter: asyncio.Future[_Channel | None] = self.loop.create_future()
+            entry = (upstream, waiter)
+            self._waiters.append(entry)
+            try:
+                handed = await waiter
+            except BaseException:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                elif waiter.done() and not waiter.cancelled():
+                    given = waiter.result()
+                    if given is not None:  # a connection was handed over as this request gave up
+                        self.release(given, reusable=True)
+                    else:
+                        self._wake()  # pass the free place on
+                raise
+            if handed is not None:
+                return handed
+        self.open += 1
+        made: list[_Channel] = []
+
+        def protocol() -> _Channel:
+            made.append(_Channel(self, upstream))
+            return made[-1]
+
+        try:
+            await self.loop.create_connection(protocol, upstream.host, upstream.port)
+        except BaseException:
+            if made:
+                made[0].close()
+            else:
+                self.open -= 1
+                self._wake()
+            raise
+        return made[0]
+
+    def release(self, channel: _Channel, *, reusable: bool) -> None:
+        """Take ``channel`` back after an exchange: keep it for the next (when ``reusable``) or close it."""
+        self._busy.discard(channel)
+        if not reusable or channel.closed or self._closed:
+            channel.close()
+            return
+        channel.used = True
+        upstream = channel.upstream
+        if self._waiters:
+            for entry in self._waiters:
+                if entry[0] is upstream and not entry[1].done():
+                    self._waiters.remove(entry)
+                    entry[1].set_result(channel)
+                    return
+            channel.close()  # its place goes to a request waiting for another backend
+            return
+        now = channel.idle_since = self.loop.time()
+        idle = upstream.idle
+        while idle and now - idle[0].idle_since >= _IDLE_SECONDS:
+            idle[0].close()
+        idle.append(channel)
+
+    def forget(self, channel: _Channel) -> None:
+        """``channel`` closed: it no longer counts against the limit nor waits idle."""
+        self.open -= 1
+        self._busy.discard(channel)
+        idle = channel.upstream.idle
+        if channel in idle:
+            idle.remove(channel)
+        self._wake()
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use close when their exchange ends."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for upstream in self._upstreams.values():
+            if upstream is not None:
+                for channel in list(upstream.idle):
+                    channel.close()
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(_UpstreamError("the router is closing"))
+
+    def _evict(self) -> bool:
+        """Close the oldest idle connection to any backend, to free a place; ``False`` if none is idle."""
+        for upstream in self._upstreams.values():
+            if upstream is not None and upstream.idle:
+                upstream.idle[0].close()
+                return True
+        return False
+
+    def _wake(self) -> None:
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
 class RingRouter:
     """Routes requests to the owner of their key; see the module documentation.
 
@@ -245,7 +798,9 @@ class RingRouter:
     :param mode: ``"proxy"`` forwards the request; ``"redirect"`` answers 307 to the owner.
     :param timeout: seconds a forwarded request may take in all.
     :param max_hops: forwards allowed before a request is refused with 508.
-    :param connections: most connections open to all owners together.
+    :param connections: most connections open to all owners together, by each of the router's two
+        clients: its own keep-alive connections for requests without a body or with a small one of known
+        length, and aiohttp's client for requests whose body streams.
     :param secret: shared by the routers that forward to each other; proves a forward (see the module
         documentation). By default a ring node's cluster secret (or the key derived from its API token);
         ``None`` with a balancer: every server re-balances what it receives.
@@ -289,6 +844,7 @@ class RingRouter:
         self.backend_url = backend_url
         self.mode = mode
         self.timeout = timeout
+        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_hops = max_hops
         self.connections = connections
         if secret is None and node is not None:
@@ -296,6 +852,7 @@ class RingRouter:
         self.secret = secret
         self.max_skew = max_skew
         self._session: aiohttp.ClientSession | None = None
+        self._pool: _Pool | None = None
 
     async def owner(self, key: str) -> str:
         """The address of the node that owns ``key`` now (for a balancer: without counting a load)."""
@@ -312,16 +869,19 @@ class RingRouter:
         return self.balancer
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """``app.cleanup_ctx`` entry: one client session for the application's life, and with
+        """``app.cleanup_ctx`` entry: the clients to the owners for the application's life, and with
         ``load_factor`` the members' balancer following the node's membership events meanwhile."""
         if self.members is not None:
             self.members.start()
         try:
             connector = aiohttp.TCPConnector(limit=self.connections)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            self._pool = _Pool(self.connections, tick=min(1.0, max(0.01, self.timeout / 10)))
             try:
                 yield
             finally:
+                pool, self._pool = self._pool, None
+                pool.close()
                 session, self._session = self._session, None
                 await session.close()
         finally:
@@ -396,58 +956,193 @@ class RingRouter:
             _release(balancer, lease)
 
     async def _send(self, request: web.Request, owner: str, hops: int) -> web.StreamResponse:
-        target = self.backend_url(owner) + request.rel_url.path_qs
+        base = self.backend_url(owner)
+        # the target as the client sent it, still percent-encoded: decoding it could change its meaning
+        target = request.rel_url.raw_path_qs
         if self.mode == "redirect":
-            return web.Response(status=307, headers={"Location": target})
+            return web.Response(status=307, headers={"Location": base + target})
         if hops >= self.max_hops:
             return _error(508, "LoopDetected", f"request forwarded {hops} times already; not passing it on")
-        if self._session is None:
+        if self._session is None or self._pool is None:
             raise RuntimeError("the router is not started: install it with setup_routing(app, ...)")
-        headers = _forwardable(request.headers)
-        headers[HOPS_HEADER] = str(hops + 1)
-        headers.popall(FORWARDED_HEADER, None)
+        named = _named(request.headers.get("Connection"))
+        added = self._added_headers(request, owner, hops, named)
+        upstream = self._pool.upstream(base)
+        if upstream is not None and _sized(request):
+            return await self._exchange(request, owner, upstream, target, named, added)
+        dropped = _NOT_PASSED | named if named else _NOT_PASSED
+        passed = [(k, v) for k, v in request.headers.items() if k.lower() not in dropped]
+        return await self._stream(request, owner, base + target, passed + added)
+
+    def _added_headers(
+        self, request: web.Request, owner: str, hops: int, named: frozenset[str]
+    ) -> list[tuple[str, str]]:
+        """The headers a forward of ``request`` to ``owner`` writes itself: the hop count, the proof
+        (with a secret) and the ``X-Forwarded-`` pair. ``named``: what the request's ``Connection`` lists."""
+        headers = [(HOPS_HEADER, str(hops + 1))]
         if self.secret is not None:
             timestamp = str(int(time.time() * 1000))
             proof = _forward_proof(
                 self.secret, hops + 1, request.method, owner, request.rel_url.path_qs, timestamp
             )
-            headers[FORWARDED_HEADER] = f"{timestamp}:{proof}"
-        headers["X-Forwarded-For"] = ", ".join(filter(None, [headers.get("X-Forwarded-For"), request.remote]))
-        headers["X-Forwarded-Host"] = request.host
+            headers.append((FORWARDED_HEADER, f"{timestamp}:{proof}"))
+        before = None if "x-forwarded-for" in named else request.headers.get("X-Forwarded-For")
+        headers.append(("X-Forwarded-For", ", ".join(filter(None, [before, request.remote]))))
+        headers.append(("X-Forwarded-Host", request.host))
+        return headers
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        owner: str,
+        upstream: _Upstream,
+        target: str,
+        named: frozenset[str],
+        added: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        """Forward ``request`` (no body, or a small one of known length) over the router's own
+        connections; the answer comes back in one piece when it is small and sized, else streamed.
+        ``named`` and ``added`` as for :meth:`_added_headers`."""
+        assert self._pool is not None
+        pool = self._pool
+        method = request.method
+        try:
+            body = (
+                await request.content.readexactly(request.content_length or 0) if request.body_exists else b""
+            )
+        except asyncio.IncompleteReadError:
+            return _error(400, "BadRequestError", "the request's body ended before its Content-Length")
+        # the client's headers as they came (bytes: nothing to decode and encode again)
+        dropped = _NOT_PASSED_RAW | {n.encode() for n in named} if named else _NOT_PASSED_RAW
+        parts = [f"{method} {target} HTTP/1.1\r\nHost: {upstream.authority}\r\n".encode()]
+        lines = 2 + len(added)
+        for name, value in request.raw_headers:
+            if name.lower() not in dropped:
+                parts += (name, b": ", value, b"\r\n")
+                lines += 1
+        parts.append("".join([f"{k}: {v}\r\n" for k, v in added]).encode("utf-8", "surrogateescape"))
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        # the parser let no line break into a header nor a space into the target; never send one that did
+        if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1 or " " in target:
+            return _error(400, "BadRequestError", "the request's head cannot be forwarded as it is")
+        data = head + body if body else head
+        channel: _Channel | None = None
+        streamed: web.StreamResponse | None = None
+        deadline = pool.loop.time() + self.timeout
+        try:
+            channel = pool.take(upstream, deadline) or await pool.acquire(upstream, deadline)
+            try:
+                channel.send(data)
+                answer = await channel.read_answer(method)
+            except _StaleConnectionError:
+                if method not in _IDEMPOTENT:
+                    raise
+                # the backend closed the idle connection as the request went out: once more, afresh
+                channel.close()
+                channel = None
+                channel = await pool.acquire(upstream, deadline, fresh=True)
+                channel.send(data)
+                answer = await channel.read_answer(method)
+            if answer.length is not None and answer.length <= _BUFFERED:
+                payload = await channel.read_exactly(answer.length) if answer.length else b""
+                pool.release(channel, reusable=channel.reusable(answer))
+                channel = None
+                return web.Response(
+                    status=answer.status, reason=answer.reason, body=payload, headers=answer.headers
+                )
+            streamed = web.StreamResponse(status=answer.status, reason=answer.reason)
+            streamed.headers.extend(answer.headers)
+            await streamed.prepare(request)
+            await channel.copy_body(answer, streamed.write)
+            pool.release(channel, reusable=channel.reusable(answer))
+            channel = None
+            await streamed.write_eof()
+            return streamed
+        except TimeoutError:
+            return self._gateway_timeout(request, owner, streamed)
+        except (_UpstreamError, OSError) as exc:
+            return self._bad_gateway(request, owner, exc, streamed)
+        finally:
+            if channel is not None:  # abandoned mid-exchange (error, timeout, cancellation): never reused
+                channel.close()
+
+    async def _stream(
+        self, request: web.Request, owner: str, url: str, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        """Forward ``request`` with aiohttp's client, its body streamed as it arrives."""
+        assert self._session is not None
         body = request.content if request.body_exists else None
+        streamed: web.StreamResponse | None = None
         try:
             async with self._session.request(
                 request.method,
-                target,
+                URL(url, encoded=True),
                 headers=headers,
                 data=body,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                timeout=self._client_timeout,
+                # a proxy passes on what the client sent: aiohttp adds none of its defaults, as the
+                # router's own client does not (an Accept-Encoding added here would bring the client
+                # a compressed body it never asked for)
+                skip_auto_headers=_NO_AUTO_HEADERS,
             ) as upstream:
-                headers = _forwardable(upstream.headers)
+                passed = _forwardable(upstream.headers)
                 size = upstream.content_length
                 if size is not None and size <= _BUFFERED:
                     # small and sized: one response, one write, instead of headers and body apart
                     payload = await upstream.read()
                     return web.Response(
-                        status=upstream.status, reason=upstream.reason, body=payload, headers=headers
+                        status=upstream.status, reason=upstream.reason, body=payload, headers=passed
                     )
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.update(headers)
-                await response.prepare(request)
+                streamed = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                streamed.headers.extend(passed)
+                await streamed.prepare(request)
                 async for chunk in upstream.content.iter_chunked(1 << 16):
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                    await streamed.write(chunk)
+                await streamed.write_eof()
+                return streamed
         except TimeoutError:
-            return _error(
-                504, "GatewayTimeout", f"the owner {owner} did not answer within {self.timeout:g} s"
-            )
+            return self._gateway_timeout(request, owner, streamed)
         except (aiohttp.ClientError, OSError) as exc:
-            log.info("forwarding to %s failed: %s", owner, exc)
-            return _error(
-                502, "BadGateway", f"the owner {owner} cannot be reached: {exc or type(exc).__name__}"
-            )
+            return self._bad_gateway(request, owner, exc, streamed)
+
+    def _gateway_timeout(
+        self, request: web.Request, owner: str, streamed: web.StreamResponse | None
+    ) -> web.StreamResponse:
+        log.info("forwarding to %s timed out after %g s", owner, self.timeout)
+        if streamed is not None:
+            return _abandon(request, streamed)
+        return _error(504, "GatewayTimeout", f"the owner {owner} did not answer within {self.timeout:g} s")
+
+    def _bad_gateway(
+        self, request: web.Request, owner: str, exc: BaseException, streamed: web.StreamResponse | None
+    ) -> web.StreamResponse:
+        log.info("forwarding to %s failed: %s", owner, exc)
+        if streamed is not None:
+            return _abandon(request, streamed)
+        return _error(502, "BadGateway", f"the owner {owner} cannot be reached: {exc or type(exc).__name__}")
+
+
+def _sized(request: web.Request) -> bool:
+    """Whether ``request`` goes over the router's own connections: no body, or one of known length up to
+    :data:`_BUFFERED` bytes, and no ``Expect`` (aiohttp's client deals with 100-continue)."""
+    headers = request.headers
+    if "Expect" in headers:
+        return False
+    if not request.body_exists:
+        return True
+    length = request.content_length
+    return length is not None and length <= _BUFFERED and "Transfer-Encoding" not in headers
+
+
+def _abandon(request: web.Request, streamed: web.StreamResponse) -> web.StreamResponse:
+    """Cut the client's connection under an answer whose head has gone out, so the client sees the body
+    end early (and never a closing chunk that would make a truncated body look whole)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return streamed
 
 
 ROUTER = web.AppKey("balancer_router", RingRouter)

@@ -16,7 +16,9 @@ same seeded keys (``--keys``, 10,000 distinct) are requested for ``--seconds`` (
 Printed: requests per second, p50 and p99 latency, failed requests (socket errors, timeouts, and
 answers of status 400 or more), the CPU each group of processes used (100% is one core; ``rest`` is the
 rest of the machine: the kernel's network work and any other program, a sign of a noisy run) and the ratio
-through / direct of requests per second: the figure this benchmark is for. The load generator is
+through / direct of requests per second: the figure this benchmark is for. Below the table: the front
+door's CPU time (user and system) per request, which moves less than the rates when other programs share
+the machine. The load generator is
 ``wrk`` (one process per target, ``-t1``, a Lua script walking the keys and reporting 1,000 latency
 quantiles) when it is on the PATH, else a Python client (aiohttp, one process per target, one task per
 connection). Every process is on 127.0.0.1 and the client shares the machine's cores with the servers,
@@ -798,6 +800,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row.get("ratio") is not None and row["path"] == "proxy":
             ratio, concurrency = row["ratio"], row["concurrency"]
             print(f"proxy through the front door / direct, concurrency {concurrency}: {ratio:.2f}")
+    for row in rows:
+        if "front" in row["cpu"] and row["rps"]:
+            # CPU per request moves less than requests/s when other programs share the machine
+            cost = row["cpu"]["front"] / row["rps"] * 1e6
+            print(
+                f"front door CPU per request, {row['path']}, concurrency {row['concurrency']}: {cost:.0f} us"
+            )
     if any(row["path"] == "redirect" for row in rows):
         print("redirect rows: the front door's 307 answers, not followed (a client pays a second request)")
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
