@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any
+from typing import Any, cast
 
 from balancer import wire
 from balancer.batching import Batcher
@@ -193,6 +193,12 @@ class Maintenance:
     """Peers that did not answer."""
 
 
+SET_TTL = 1.0
+"""Seconds a client key's replica set is reused while the ring shows no change (see ``replica_set``)."""
+SET_CACHE = 1 << 14
+"""Client keys whose replica sets are remembered at most; the memory is dropped whole when full."""
+
+
 class _Placement:
     """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
@@ -256,6 +262,9 @@ class KVService:
         self.slice = SLICE_SECONDS
         """Longest a maintenance loop works before it yields to the event loop (seconds)."""
         self._readers: dict[str, Batcher[bytes, Record | None]] = {}
+        # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
+        self._sets: dict[bytes, tuple[int, float, list[NodeInfo], list[NodeInfo]]] = {}
+        self._sets_epoch = 0
         self._writers: dict[str, Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
 
@@ -302,8 +311,27 @@ class KVService:
     async def replica_set(
         self, key: bytes, placement: _Placement | None = None
     ) -> tuple[list[NodeInfo], list[NodeInfo]]:
-        """The key's replicas (N distinct nodes, fewer only on a smaller ring) and its fallbacks."""
-        placement = placement or _Placement(self.ring)
+        """The key's replicas (N distinct nodes, fewer only on a smaller ring) and its fallbacks.
+
+        Without ``placement`` (a client's read or write), the answer is remembered while the ring stays
+        as this process saw it (:attr:`Ring.epoch`) and for at most :data:`SET_TTL` seconds, the time
+        within which a change no event announces (a successor list shortened by stabilization) shows.
+        """
+        if placement is None:
+            now, epoch = time.monotonic(), self.ring.epoch
+            cached = self._sets.get(key)
+            if cached is not None and cached[0] == epoch and cached[1] > now:
+                return cached[2], cached[3]
+            replicas, fallbacks = await self._replica_set(key, _Placement(self.ring))
+            if self._sets_epoch != epoch or len(self._sets) >= SET_CACHE:
+                self._sets.clear()
+                self._sets_epoch = epoch
+            # stamped with the epoch from before the lookup: a change during it makes the entry unusable
+            self._sets[key] = (epoch, now + SET_TTL, replicas, fallbacks)
+            return replicas, fallbacks
+        return await self._replica_set(key, placement)
+
+    async def _replica_set(self, key: bytes, placement: _Placement) -> tuple[list[NodeInfo], list[NodeInfo]]:
         wanted = self.config.replicas
         replicas: list[NodeInfo] = []
         taken: set[str] = set()  # processes chosen: one never counts twice
@@ -417,7 +445,7 @@ class KVService:
         spare = list(spare)
         acked = 0
         newest: Version | None = None
-        running = {asyncio.ensure_future(self._write_at(node, records)): node for node in targets}
+        running = {self._start_write(node, records): node for node in targets}
         retried: set[NodeInfo] = set()
         try:
             while running and acked < need:
@@ -425,7 +453,9 @@ class KVService:
                 for future in done:
                     node = running.pop(future)
                     if future.exception() is None:
-                        _, newer = future.result()
+                        result = future.result()
+                        # a single record's (kept: bool, newer) or a summary's (count: int, newer)
+                        _, newer = _summary([cast(Stored, result)]) if type(result[0]) is bool else result
                         if newer is not None and newer.timestamp > self.clock.limit():
                             # it holds a version stamped beyond the skew, which would beat every write:
                             # not an acknowledgement, and never a reason to stamp past it
@@ -438,10 +468,10 @@ class KVService:
                     if self._failed(node, future.exception()) and node not in retried:
                         # only slow: asked again, for longer (its timeout backed off), beside a spare
                         retried.add(node)
-                        running[asyncio.ensure_future(self._write_at(node, records))] = node
+                        running[self._start_write(node, records)] = node
                     if spare:
                         substitute = spare.pop(0)
-                        running[asyncio.ensure_future(self._write_at(substitute, records))] = substitute
+                        running[self._start_write(substitute, records)] = substitute
         finally:  # the replicas still in flight finish in the background, even if the caller gave up
             for future in running:
                 self._in_background(future)
@@ -507,17 +537,31 @@ class KVService:
             self.clock.observe(record.version.timestamp)
         return record
 
+    def _start_write(
+        self, node: NodeInfo, records: list[Record]
+    ) -> asyncio.Future[Stored] | asyncio.Future[tuple[int, Version | None]]:
+        """Begin storing ``records`` at ``node``: a future of one record's :data:`Stored` (a single
+        record to a peer, which joins that peer's message of this turn without a task of its own), or
+        of :meth:`_write_at`'s summary."""
+        if len(records) == 1 and node.address != self.ring.address:
+            return self._writer(node.address).submit(records[0])
+        return asyncio.ensure_future(self._write_at(node, records))
+
+    def _writer(self, address: str) -> Batcher[Record, Stored]:
+        """The batcher that sends single-record writes to ``address``, one message per turn."""
+        writer = self._writers.get(address)
+        if writer is None:
+            send = functools.partial(self._store_many, address)
+            writer = self._writers[address] = Batcher(send, self._chunks)
+        return writer
+
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node.address == self.ring.address:
             async with self._storing_here():
                 return _summary(await self._store_each(records))
         if len(records) == 1:  # a client write or a repair: share the message with others of this turn
-            writer = self._writers.get(node.address)
-            if writer is None:
-                send = functools.partial(self._store_many, node.address)
-                writer = self._writers[node.address] = Batcher(send, self._chunks)
-            return _summary([await writer.submit(records[0])])
+            return _summary([await self._writer(node.address).submit(records[0])])
         results: list[Stored] = []
         for chunk in self._chunks(records):
             results += await self._store_many(node.address, chunk)

@@ -91,11 +91,12 @@ def bare_app(body: bytes) -> web.Application:
     return app
 
 
-def node_command(port: int, join: str | None, n: int, w: int, r: int) -> list[str]:
-    """The ``balancer node`` command line of one ring member."""
+def node_command(port: int, join: str | None, n: int, w: int, r: int, loop: str = "asyncio") -> list[str]:
+    """The ``balancer node`` command line of one ring member, on the event loop ``loop``."""
     where = ["--join", join] if join else ["--ring"]
     quorums = ["--replicas", str(n), "--write-quorum", str(w), "--read-quorum", str(r)]
-    return [sys.executable, "-m", "balancer", "node", "--port", str(port), *where, *quorums, "--no-plugins"]
+    node = [sys.executable, "-m", "balancer", "node", "--port", str(port), "--loop", loop]
+    return [*node, *where, *quorums, "--no-plugins"]
 
 
 def ring_formed(addresses: Sequence[str]) -> bool:
@@ -167,7 +168,7 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
 
     with Fleet(logs / "bare") as fleet:
         port = free_port(ports)
-        command = [sys.executable, str(HERE), "--role", "bare", "--port", str(port)]
+        command = [sys.executable, str(HERE), "--role", "bare", "--port", str(port), "--loop", args.loop]
         bare = fleet.start("bare", [*command, "--value-bytes", str(args.value_bytes)])
         address = f"{HOST}:{port}"
         fleet.wait_answering("bare", f"http://{address}/kv/{keys[0]}")
@@ -176,7 +177,7 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
 
     with Fleet(logs / "node") as fleet:
         port = free_port(ports)
-        node = fleet.start("node", node_command(port, None, 1, 1, 1))
+        node = fleet.start("node", node_command(port, None, 1, 1, 1, args.loop))
         address = f"{HOST}:{port}"
         fleet.wait_answering("node", f"http://{address}/status")
         asyncio.run(prewrite(address, keys, value, timeout=60))
@@ -192,7 +193,7 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
         for i, address in enumerate(addresses):
             port = int(address.rpartition(":")[2])
             join = None if i == 0 else addresses[0]
-            nodes.append(fleet.start(f"node-{i}", node_command(port, join, 3, 2, 2)))
+            nodes.append(fleet.start(f"node-{i}", node_command(port, join, 3, 2, 2, args.loop)))
             fleet.wait_answering(f"node-{i}", f"http://{address}/status")
         fleet.wait_until(lambda: ring_formed(addresses), "the 3-node ring forming")
         entry = addresses[0]
@@ -255,9 +256,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--value-bytes", type=int, default=100, help="bytes of every value and of bare's body"
     )
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop of every server, bare and nodes alike (uvloop: pip install 'balancer[fast]')",
+    )
     args = parser.parse_args(argv)
     if args.role == "bare":
-        serve(bare_app(b"v" * args.value_bytes), args.port)
+        if args.loop == "uvloop":
+            import uvloop
+
+            web.run_app(bare_app(b"v" * args.value_bytes), host=HOST, port=args.port, print=None,
+                        access_log=None, loop=uvloop.new_event_loop())  # fmt: skip
+        else:
+            serve(bare_app(b"v" * args.value_bytes), args.port)
         return 0
     if args.role:
         parser.error(f"unknown role {args.role!r}")
@@ -269,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = read_baseline(args.baseline, row_key)
         print(
             f"KV over HTTP: {args.connections} connections, {args.keys:,} keys, values of {args.value_bytes} "
-            f"bytes, seed {args.seed}, {args.seconds:g} s per run after {args.warmup:g} s of warm-up\n"
+            f"bytes, seed {args.seed}, {args.seconds:g} s per run after {args.warmup:g} s of warm-up, "
+            f"{args.loop} event loop in every server\n"
             f"{describe_client(client)}\n"
         )
         with tempfile.TemporaryDirectory(prefix="balancer-bench-") as tmp:
