@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import contextlib
 import functools
 import logging
 import time
@@ -440,42 +439,65 @@ class KVService:
         """Send ``records`` to ``targets``, replacing each that fails with the next ``spare``; returns as
         soon as ``need`` acknowledged (the rest finish in the background) or every attempt is over.
 
-        Returns how many acknowledged, and the greatest version a replica refused a record for.
+        Returns how many acknowledged, and the greatest version a replica refused a record for. Every
+        attempt is counted by a callback as it ends, so a write waits on one future, whatever the replicas.
         """
         spare = list(spare)
-        acked = 0
-        newest: Version | None = None
-        running = {self._start_write(node, records): node for node in targets}
+        acked, pending = 0, 0
+        newest_version: Version | None = None
         retried: set[NodeInfo] = set()
-        try:
-            while running and acked < need:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    node = running.pop(future)
-                    if future.exception() is None:
-                        result = future.result()
-                        # a single record's (kept: bool, newer) or a summary's (count: int, newer)
-                        _, newer = _summary([cast(Stored, result)]) if type(result[0]) is bool else result
-                        if newer is not None and newer.timestamp > self.clock.limit():
-                            # it holds a version stamped beyond the skew, which would beat every write:
-                            # not an acknowledgement, and never a reason to stamp past it
-                            log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
-                            continue
-                        acked += 1
-                        if newer is not None and (newest is None or newer > newest):
-                            newest = newer
-                        continue
-                    if self._failed(node, future.exception()) and node not in retried:
-                        # only slow: asked again, for longer (its timeout backed off), beside a spare
-                        retried.add(node)
-                        running[self._start_write(node, records)] = node
-                    if spare:
-                        substitute = spare.pop(0)
-                        running[self._start_write(substitute, records)] = substitute
-        finally:  # the replicas still in flight finish in the background, even if the caller gave up
-            for future in running:
+        quorum: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def ended(node: NodeInfo, future: asyncio.Future[Any]) -> None:
+            nonlocal acked, newest_version, pending
+            pending -= 1
+            exc = asyncio.CancelledError() if future.cancelled() else future.exception()
+            if exc is None:
+                result = future.result()
+                # a single record's (kept: bool, newer) or a summary's (count: int, newer)
+                _, newer = _summary([cast(Stored, result)]) if type(result[0]) is bool else result
+                if newer is not None and newer.timestamp > self.clock.limit():
+                    # it holds a version stamped beyond the skew, which would beat every write: not an
+                    # acknowledgement, and never a reason to stamp past it
+                    log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
+                else:
+                    acked += 1
+                    if newer is not None and (newest_version is None or newer > newest_version):
+                        newest_version = newer
+            elif not quorum.done():  # once the quorum is in, a failure changes nothing
+                if self._failed(node, exc) and node not in retried:
+                    # only slow: asked again, for longer (its timeout backed off), beside a spare
+                    retried.add(node)
+                    start(node)
+                if spare:
+                    start(spare.pop(0))
+            if not quorum.done() and (acked >= need or pending == 0):
+                quorum.set_result(None)
+
+        started: list[asyncio.Future[Any]] = []
+        returned = False
+
+        def start(node: NodeInfo) -> None:
+            nonlocal pending
+            pending += 1
+            future = self._start_write(node, records)
+            future.add_done_callback(functools.partial(ended, node))
+            if returned:  # a spare for a failure after the caller gave up: kept and waited for by drain
                 self._in_background(future)
-        return acked, newest
+            else:
+                started.append(future)
+
+        for node in targets:
+            start(node)
+        try:
+            if pending:
+                await asyncio.shield(quorum)
+        finally:  # what still runs once the quorum is in (or the caller gave up) goes on in the background
+            returned = True
+            for future in started:
+                if not future.done():
+                    self._in_background(future)
+        return acked, newest_version
 
     def _in_background(self, work: Any) -> None:
         future = asyncio.ensure_future(work)
@@ -558,8 +580,7 @@ class KVService:
     async def _write_at(self, node: NodeInfo, records: list[Record]) -> tuple[int, Version | None]:
         """Store ``records`` at ``node``: how many it kept, and the greatest version it refused one for."""
         if node.address == self.ring.address:
-            async with self._storing_here():
-                return _summary(await self._store_each(records))
+            return _summary(await self._store_here(records))
         if len(records) == 1:  # a client write or a repair: share the message with others of this turn
             return _summary([await self._writer(node.address).submit(records[0])])
         results: list[Stored] = []
@@ -581,15 +602,15 @@ class KVService:
         answer = wire.decode(wire.StoreAnswer, raw, self._limits)
         return [(kept, None if v is None else v.value()) for kept, v in answer.each]
 
-    @contextlib.asynccontextmanager
-    async def _storing_here(self) -> AsyncIterator[None]:
-        """Count a write being applied here; refuse it once the node is leaving (see :meth:`quiesce`)."""
+    async def _store_here(self, records: list[Record]) -> list[Stored]:
+        """Apply a write here, counted while it runs; refused once the node is leaving (see
+        :meth:`quiesce`). A plain try/finally, not a context manager: every write passes here."""
         if self.leaving:
             raise RingError(f"{self.ring.info.address} is leaving the ring and takes no more writes")
         self._storing += 1
         self._stored.clear()
         try:
-            yield
+            return await self._store_each(records)
         finally:
             self._storing -= 1
             if not self._storing:
@@ -848,8 +869,7 @@ class KVService:
                     f"a record is stamped {ahead:.0f} s ahead of this node's clock "
                     f"(the limit is {self.config.max_clock_skew:g} s)"
                 )
-        async with self._storing_here():
-            results = await self._store_each(records)
+        results = await self._store_here(records)
         return {"each": [[kept, v.to_wire() if v else None] for kept, v in results]}
 
     async def _rpc_digests(self, message: wire.Digests) -> Payload:
