@@ -464,13 +464,15 @@ class KVService:
                     acked += 1
                     if newer is not None and (newest_version is None or newer > newest_version):
                         newest_version = newer
-            elif not quorum.done():  # once the quorum is in, a failure changes nothing
-                if self._failed(node, exc) and node not in retried:
-                    # only slow: asked again, for longer (its timeout backed off), beside a spare
-                    retried.add(node)
-                    start(node)
-                if spare:
-                    start(spare.pop(0))
+            else:  # accounted even after the quorum: a peer found down is forgotten at once
+                slow = self._failed(node, exc)
+                if not quorum.done():
+                    if slow and node not in retried:
+                        # only slow: asked again, for longer (its timeout backed off), beside a spare
+                        retried.add(node)
+                        start(node)
+                    if spare:
+                        start(spare.pop(0))
             if not quorum.done() and (acked >= need or pending == 0):
                 quorum.set_result(None)
 

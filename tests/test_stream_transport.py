@@ -184,6 +184,18 @@ async def test_mutual_tls(serve: Serve, pki: Pki) -> None:
             await plain.call(address, "echo", {}, 2.0)
 
 
+async def test_tls_and_a_secret_together(serve: Serve, pki: Pki) -> None:
+    both = Config(tls_cert=pki.cert, tls_key=pki.key, tls_ca=pki.ca, cluster_secret=SECRET)
+    _, address = await serve(both)
+    async with StreamTransport(both) as member:  # TLS protects the frames: no tags, on either side
+        assert await member.call(address, "echo", {"n": 1}, 5.0) == {"echo": {"n": 1}}
+        assert await member.call(address, "echo", {"n": 2}, 5.0) == {"echo": {"n": 2}}
+    wrong = Config(tls_cert=pki.cert, tls_key=pki.key, tls_ca=pki.ca, cluster_secret="another secret")
+    async with StreamTransport(wrong) as certified:  # a certificate the CA signed is enough, as over HTTP
+        with pytest.raises(UnauthorizedError, match="did not prove"):
+            await certified.call(address, "echo", {}, 5.0)
+
+
 # -- hostile bytes, sent by hand ------------------------------------------------------------------------
 
 
