@@ -112,13 +112,24 @@ async def _status(http: aiohttp.ClientSession, address: str) -> dict[str, Any] |
         return None
 
 
+async def _ring_view(http: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
+    try:
+        async with http.get(f"http://{address}/ring", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            return orjson.loads(await resp.read()) if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
 async def _settled(http: aiohttp.ClientSession, addresses: list[str], deadline: float = 60) -> None:
-    """Wait (polling, bounded) until every node lists all the others among its successors."""
+    """Wait (polling, bounded) until the first node's survey (``GET /ring``) finds the ring settled with
+    exactly these processes, every one up: every vnode's successor list and predecessor exact."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        views = [await _status(http, a) for a in addresses]
-        if all(v is not None and len(v["successors"]) == min(8, len(addresses) - 1) for v in views):
-            return
+        view = await _ring_view(http, addresses[0])
+        if view is not None and view["settled"]:
+            states = {m["address"]: m["state"] for m in view["members"]}
+            if set(states) == set(addresses) and all(state == "up" for state in states.values()):
+                return
         await asyncio.sleep(0.1)
     raise SystemExit(f"the ring of {len(addresses)} nodes did not settle in {deadline} s")
 
