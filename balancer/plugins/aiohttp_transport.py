@@ -45,7 +45,7 @@ from balancer.errors import (
     UnknownMethodError,
 )
 from balancer.hookspecs import Handler, Payload, PublicApi, Route, Transport, TransportFactory, hookimpl
-from balancer.plugins.connections import ConnectionGate, GatedHandler, GatedSite, fitted_cap, gate_middleware
+from balancer.plugins.connections import ConnectionGate, GatedHandler, GatedSite, fitted_cap
 
 __all__ = ["STATUS", "AiohttpTransport", "client_ssl", "rpc_exposure", "server_ssl", "status_for"]
 
@@ -98,10 +98,17 @@ def _error(exc: BaseException) -> web.Response:
 
 
 def _error_middleware(*, body_limit: int) -> Middleware:
-    """Answer every failure with the JSON error body, never aiohttp's HTML page or a traceback."""
+    """Answer every failure with the JSON error body, never aiohttp's HTML page or a traceback; and mark
+    the connection busy while its request is handled (for the :class:`ConnectionGate`).
+
+    One middleware for both: each layer of aiohttp's middleware chain costs every request a coroutine.
+    """
 
     @web.middleware
     async def error_middleware(request: web.Request, handler: WebHandler) -> web.StreamResponse:
+        gated = request.protocol if isinstance(request.protocol, GatedHandler) else None
+        if gated is not None:
+            gated.begin()
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:  # a body over client_max_size
@@ -115,6 +122,9 @@ def _error_middleware(*, body_limit: int) -> Middleware:
         except Exception as exc:
             log.exception("internal error answering %s %s", request.method, request.path)
             return _error(exc)
+        finally:
+            if gated is not None:
+                gated.end()
 
     return error_middleware
 
@@ -364,9 +374,7 @@ class AiohttpTransport(Transport):
                 config.max_connections,
             )
         self.gate = gate = ConnectionGate(cap, header_timeout=config.header_timeout)
-        app = web.Application(
-            client_max_size=limit, middlewares=[gate_middleware(), _error_middleware(body_limit=limit)]
-        )
+        app = web.Application(client_max_size=limit, middlewares=[_error_middleware(body_limit=limit)])
         app[_HANDLERS], app[_CONFIG] = handlers, config
         guard = ReplayGuard(self._secret, config.max_clock_skew) if self._secret else None
         self._guard, self.handlers = guard, handlers

@@ -31,8 +31,6 @@ from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler as WebHandler
-from aiohttp.typedefs import Middleware
 
 __all__ = [
     "ACCEPT_BACKLOG",
@@ -41,7 +39,6 @@ __all__ = [
     "GatedHandler",
     "GatedSite",
     "fitted_cap",
-    "gate_middleware",
 ]
 
 log = logging.getLogger(__name__)
@@ -332,23 +329,6 @@ class GatedHandler(web.RequestHandler):
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
-
-
-def gate_middleware() -> Middleware:
-    """Mark each connection busy while a request of it is handled, and as having sent a head."""
-
-    @web.middleware
-    async def gate(request: web.Request, handler: WebHandler) -> web.StreamResponse:
-        conn = request.protocol
-        if not isinstance(conn, GatedHandler):
-            return await handler(request)
-        conn.begin()
-        try:
-            return await handler(request)
-        finally:
-            conn.end()
-
-    return gate
 
 
 class GatedSite(web.BaseSite):
