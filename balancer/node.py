@@ -55,6 +55,9 @@ __all__ = ["Node"]
 
 log = logging.getLogger(__name__)
 
+VIEW_REUSE = 0.5
+"""Seconds a ``GET /ring`` survey's result answers later requests (see :meth:`Node.ring_view`)."""
+
 
 class Node(PublicApi):
     """One member of a balancer ring; an async context manager.
@@ -111,6 +114,8 @@ class Node(PublicApi):
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
         self._members: tuple[Member, ...] = ()
+        self._view_survey: asyncio.Future[Payload] | None = None  # the GET /ring survey under way
+        self._last_view: tuple[float, Payload] | None = None  # (loop time, view) of the last one
         self.started = False
         self.stopped = False
 
@@ -513,8 +518,27 @@ class Node(PublicApi):
         return records
 
     async def ring_view(self) -> Payload:
-        """:meth:`ring_status` as JSON-safe data (``GET /ring``)."""
-        return (await self.ring_status()).to_json(self.space.bits)
+        """:meth:`ring_status` as JSON-safe data (``GET /ring``).
+
+        A survey costs every process of the ring a message, so clients share them: a request while one
+        is under way waits for it, and one within :data:`VIEW_REUSE` seconds of the last gets its
+        result. However fast ``/ring`` is polled, the ring answers at most a few surveys a second.
+        """
+        loop = asyncio.get_running_loop()
+        if self._view_survey is None:
+            last = self._last_view
+            if last is not None and loop.time() - last[0] < VIEW_REUSE:
+                return last[1]
+            self._view_survey = asyncio.ensure_future(self._survey_view())
+        return await asyncio.shield(self._view_survey)
+
+    async def _survey_view(self) -> Payload:
+        try:
+            view = (await self.ring_status()).to_json(self.space.bits)
+            self._last_view = (asyncio.get_running_loop().time(), view)
+            return view
+        finally:
+            self._view_survey = None
 
     async def status(self) -> Payload:
         """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 
@@ -194,3 +195,18 @@ async def test_the_ring_view_lists_every_member_and_marks_a_dead_one_down(
     assert status.settled
     assert {m.address: m.state for m in status.members}[dead.address] == "down"  # still listed
     assert nodes[0].members() == status.members
+
+
+async def test_ring_view_requests_share_surveys(
+    make_ring: RingFactory, network: LocalNetwork, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("balancer.node.VIEW_REUSE", 3600.0)  # however slow this machine is today
+    nodes = await make_ring(3, vnodes=4)
+    before = network.calls["ring.describe"]
+    views = await asyncio.gather(*(nodes[0].ring_view() for _ in range(20)))
+    assert all(view == views[0] for view in views)
+    surveyed = network.calls["ring.describe"] - before
+    assert 0 < surveyed <= 2  # one survey: a message to each of the two other processes
+    again = await nodes[0].ring_view()  # within VIEW_REUSE of the last survey: answered from it
+    assert again == views[0]
+    assert network.calls["ring.describe"] - before == surveyed
