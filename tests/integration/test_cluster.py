@@ -14,10 +14,10 @@ from processes import Cluster, kill9, ring_correct, status, terminate, until
     "transports",
     [
         pytest.param(("stream",) * 5, id="stream"),
-        # aiohttp nodes call over HTTP, and stream nodes fall back to HTTP for them. Known defect: about one
-        # run in six under load, this ring never settles (every process up, a vnode's pointers never
-        # exact); stream-only rings settled 7 of 7 times on the same machine. Until it is found, the run
-        # is reported (xfail/xpass) rather than failing the suite.
+        # aiohttp nodes call over HTTP, and stream nodes fall back to HTTP for them. Known defect: in 1 of
+        # 21 formations under load this ring never settled (every process up, a vnode's pointers never
+        # exact); stream-only rings settled 19 of 19 times. Until it is found, the run is reported
+        # (xfail/xpass) rather than failing the suite.
         pytest.param(
             ("stream", "aiohttp", "stream", "aiohttp", "stream"),
             id="mixed",
