@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any, cast
+from typing import Any
 
 from balancer import wire
 from balancer.batching import Batcher
@@ -262,7 +262,7 @@ class KVService:
         """Longest a maintenance loop works before it yields to the event loop (seconds)."""
         self._readers: dict[str, Batcher[bytes, Record | None]] = {}
         # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
-        self._sets: dict[bytes, tuple[int, float, list[NodeInfo], list[NodeInfo]]] = {}
+        self._sets: dict[bytes, tuple[float, list[NodeInfo], list[NodeInfo]]] = {}
         self._sets_epoch = 0
         self._writers: dict[str, Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
@@ -318,15 +318,17 @@ class KVService:
         """
         if placement is None:
             now, epoch = time.monotonic(), self.ring.epoch
-            cached = self._sets.get(key)
-            if cached is not None and cached[0] == epoch and cached[1] > now:
-                return cached[2], cached[3]
-            replicas, fallbacks = await self._replica_set(key, _Placement(self.ring))
-            if self._sets_epoch != epoch or len(self._sets) >= SET_CACHE:
+            if self._sets_epoch != epoch:  # the ring changed: nothing remembered holds
                 self._sets.clear()
                 self._sets_epoch = epoch
-            # stamped with the epoch from before the lookup: a change during it makes the entry unusable
-            self._sets[key] = (epoch, now + SET_TTL, replicas, fallbacks)
+            cached = self._sets.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1], cached[2]
+            replicas, fallbacks = await self._replica_set(key, _Placement(self.ring))
+            if self.ring.epoch == epoch:  # a change during the lookup: its answer is not kept
+                if len(self._sets) >= SET_CACHE:
+                    self._sets.clear()
+                self._sets[key] = (now + SET_TTL, replicas, fallbacks)
             return replicas, fallbacks
         return await self._replica_set(key, placement)
 
@@ -453,9 +455,8 @@ class KVService:
             pending -= 1
             exc = asyncio.CancelledError() if future.cancelled() else future.exception()
             if exc is None:
-                result = future.result()
-                # a single record's (kept: bool, newer) or a summary's (count: int, newer)
-                _, newer = _summary([cast(Stored, result)]) if type(result[0]) is bool else result
+                # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
+                _, newer = future.result()
                 if newer is not None and newer.timestamp > self.clock.limit():
                     # it holds a version stamped beyond the skew, which would beat every write: not an
                     # acknowledgement, and never a reason to stamp past it

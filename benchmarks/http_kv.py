@@ -264,13 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.role == "bare":
+        loop = None
         if args.loop == "uvloop":
             import uvloop
 
-            web.run_app(bare_app(b"v" * args.value_bytes), host=HOST, port=args.port, print=None,
-                        access_log=None, loop=uvloop.new_event_loop())  # fmt: skip
-        else:
-            serve(bare_app(b"v" * args.value_bytes), args.port)
+            loop = uvloop.new_event_loop()
+        serve(bare_app(b"v" * args.value_bytes), args.port, loop)
         return 0
     if args.role:
         parser.error(f"unknown role {args.role!r}")

@@ -112,9 +112,10 @@ def free_port(rng: random.Random) -> int:
         return int(sock.getsockname()[1])
 
 
-def serve(app: web.Application, port: int) -> None:
-    """Run ``app`` on 127.0.0.1:``port`` until the process is killed (server roles of these scripts)."""
-    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+def serve(app: web.Application, port: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Run ``app`` on 127.0.0.1:``port`` until the process is killed (server roles of these scripts),
+    on ``loop`` if given (a uvloop loop, say)."""
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None, loop=loop)
 
 
 # urllib, not aiohttp: polling is synchronous, and no proxy from the environment may stand in between
