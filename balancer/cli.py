@@ -183,6 +183,18 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             60.0,
             "Seconds a peer's clock may be ahead; records stamped further ahead are refused.",
         ),
+        _seconds(
+            "--partition-memory",
+            600.0,
+            "Seconds a failed member still counts: a node that sees no majority up answers 503.",
+        ),
+        click.option(
+            "--clock-offset",
+            type=float,
+            default=0.0,
+            hidden=True,
+            help="For fault tests only: seconds added to this node's wall clock.",
+        ),
         click.option(
             "--max-connections",
             type=click.IntRange(16, 1 << 20),
@@ -258,6 +270,8 @@ def _config(**opts: Any) -> Config:
             tls_ca=opts["tls_ca"],
             max_value_bytes=opts["max_value_bytes"],
             max_clock_skew=opts["max_clock_skew"],
+            clock_offset=opts["clock_offset"],
+            partition_memory=opts["partition_memory"],
             max_connections=opts["max_connections"],
             idle_timeout=opts["idle_timeout"],
             header_timeout=opts["header_timeout"],

@@ -72,6 +72,14 @@ class Config:
     max_clock_skew: float = 60.0
     """Seconds a signed RPC's timestamp may differ from the receiver's clock, and how far ahead of this
     node's clock a record's version may be stamped (a record further ahead is refused, never adopted)."""
+    partition_memory: float = 600.0
+    """Seconds a member declared failed keeps counting as a ring member that this node cannot see: a node
+    that sees no majority of the members up (counting those) answers reads and writes with 503, so the
+    minority side of a partition never diverges from the majority. Past it, the failed member is
+    assumed gone for good."""
+    clock_offset: float = 0.0
+    """For fault tests only: seconds added to this node's wall clock (versions, tombstone ages), to run a
+    node with a skewed clock on a machine whose clocks agree."""
     tls_cert: str | None = None
     """Certificate file (PEM) to serve TLS with; needs ``tls_key``."""
     tls_key: str | None = None
@@ -146,12 +154,17 @@ class Config:
             "anti_entropy_interval",
             "survey_interval",
             "max_clock_skew",
+            "partition_memory",
             "idle_timeout",
             "header_timeout",
             "phi_threshold",
         ):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}")
+        require(
+            math.isfinite(self.clock_offset) and abs(self.clock_offset) < 1e6,
+            f"clock_offset must be a number of seconds under 10^6, got {self.clock_offset}",
+        )
         require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         require(
             16 <= self.max_connections <= 1 << 20,

@@ -25,6 +25,7 @@ would reach for first, so ``except ValueError`` keeps working::
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
           ├── GoneError                      that virtual node is not (or no longer) there -> 410
           └── QuorumError                    fewer replicas answered than the quorum    -> 503
+               └── CutOffError                this node sees only a minority of the ring -> 503
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "CapacityError",
     "ClockSkewError",
     "ConfigError",
+    "CutOffError",
     "GoneError",
     "IncompatibleConfigError",
     "KeyNotFoundError",
@@ -191,6 +193,22 @@ class QuorumError(RingError):
         self.operation = operation
         self.answered = answered
         self.needed = needed
+
+
+class CutOffError(QuorumError):
+    """This node sees no majority of the ring's members up (it is on the minority side of a partition,
+    or most members failed within ``partition_memory``), so it serves no reads or writes that could
+    diverge from the majority's (HTTP 503)."""
+
+    def __init__(self, up: int, members: int) -> None:
+        RingError.__init__(
+            self,
+            f"this node sees {up} of {members} ring members up, no majority: it may be cut off from the "
+            "rest, and serves no reads or writes until it sees a majority again",
+        )
+        self.operation = "any"
+        self.answered = up
+        self.needed = members // 2 + 1
 
 
 class UnauthorizedError(BalancerError, PermissionError):

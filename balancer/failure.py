@@ -34,6 +34,7 @@ from balancer.errors import BalancerError, PeerUnreachableError
 __all__ = ["FailureDetector", "PeerHealth"]
 
 _LOG10_E = math.log10(math.e)
+_REFUSING_KEPT = 4096  # addresses remembered in FailureDetector.refusing at most
 
 Call = Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]]
 
@@ -80,6 +81,9 @@ class FailureDetector:
         self.threshold = threshold
         self._clock = clock
         self._peers: dict[str, PeerHealth] = {}
+        self.refusing: set[str] = set()
+        """Peers whose last call found no process listening (kept after :meth:`forget`): dead, not cut
+        off, so they do not count as members this node cannot see (see ``Config.partition_memory``)."""
 
     def _health(self, address: str) -> PeerHealth:
         health = self._peers.get(address)
@@ -110,6 +114,7 @@ class FailureDetector:
             health.rttvar = 0.75 * health.rttvar + 0.25 * abs(health.srtt - rtt)
             health.srtt = 0.875 * health.srtt + 0.125 * rtt
         health.suspect = health.refused = False
+        self.refusing.discard(address)
         health.waiting_since = None
         health.backoff = 1.0
 
@@ -120,6 +125,12 @@ class FailureDetector:
             health.waiting_since = self._clock() if since is None else since
         health.suspect = True
         health.refused = exc.refused
+        if exc.refused:
+            if len(self.refusing) >= _REFUSING_KEPT:
+                self.refusing.clear()
+            self.refusing.add(address)
+        else:
+            self.refusing.discard(address)
         health.backoff = min(2 * health.backoff, 8.0)
 
     def phi(self, address: str) -> float:

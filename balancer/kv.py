@@ -247,7 +247,10 @@ class KVService:
         self.storage = storage
         self.strategy = strategy
         self.config = config
-        self.clock = HybridClock(max_skew=config.max_clock_skew)
+        offset = config.clock_offset
+        self.wall: Callable[[], float] = (lambda: time.time() + offset) if offset else time.time
+        """This node's wall clock (seconds since the epoch)."""
+        self.clock = HybridClock(self.wall, max_skew=config.max_clock_skew)
         self.leaving = False
         """Set when the node starts leaving: it stores no more writes, so none can miss the hand-off."""
         self._storing = 0  # kv.store requests being applied right now
@@ -260,7 +263,11 @@ class KVService:
         self._placement: _Placement | None = None  # the last pass's, which those digests were made with
         self.slice = SLICE_SECONDS
         """Longest a maintenance loop works before it yields to the event loop (seconds)."""
-        self._readers: dict[str, Batcher[bytes, Record | None]] = {}
+        self._readers: dict[str, Batcher[bytes, tuple[Record | None, bool]]] = {}
+        self._synced_epoch: int | None = None  # the ring epoch of the last complete maintenance pass
+        self._placed_epoch: int | None = None  # the ring epoch the last pass's digests were made at
+        self.members: Callable[[], Iterable[str]] = ring.pointed
+        """The processes of the ring this node knows to be up: an unsettled node syncs with them all."""
         # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
         self._sets: dict[bytes, tuple[float, list[NodeInfo], list[NodeInfo]]] = {}
         self._sets_epoch = 0
@@ -306,6 +313,19 @@ class KVService:
         return await self.write(data, None)
 
     # -- replica sets -----------------------------------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """Whether this node has synced with every replica it shares records with since it last saw the
+        ring change (a maintenance pass that reached every peer, with no change during it). An unsettled
+        node may lack writes acknowledged elsewhere: a node that just joined, restarted or came back
+        from a partition, or one whose neighbours changed. Readers that meet one widen their quorum."""
+        return self._synced_epoch == self.ring.epoch
+
+    def mark_settled(self) -> None:
+        """Declare this node settled at the ring's current epoch: for a node that creates a ring, which
+        no other node can hold writes for."""
+        self._synced_epoch = self.ring.epoch
 
     async def replica_set(
         self, key: bytes, placement: _Placement | None = None
@@ -355,29 +375,36 @@ class KVService:
     async def read(self, key: bytes) -> Record | None:
         """The newest record R replicas hold for ``key`` (tombstones included), or ``None``.
 
-        Replicas that answered with an older version, or none, are repaired in the background. Raises
-        :class:`QuorumError` if fewer than R replicas answer.
+        If this node or a replica that answered is not :attr:`settled` (the ring changed around it
+        lately), or every answer is a miss, the read also asks the key's other replicas and fallbacks
+        (the next nodes on the ring, which held the key before the change) and takes the newest of all
+        answers. Replicas that answered with an older version, or none, are repaired in the background.
+        Raises :class:`QuorumError` if fewer than R replicas answer.
         """
         replicas, fallbacks = await self.replica_set(key)
         need = self.config.read_quorum  # never fewer: a node that lost sight of its peers must not answer
         me = self.ring.address
         answers: dict[NodeInfo, Record | None] = {}
+        widen = not self.settled
         for node in replicas:
             if node.address == me:  # the local copy costs no message: read it first, without a task
                 answers[node] = self._adoptable(await self.storage.get(key))
         # suspected replicas are asked last: a slow peer is waited for only when no other will do
-        queue = self.ring.prefer_healthy([n for n in replicas if n.address != me]) + fallbacks
+        # Only replicas count towards R (as only they count towards W): a fallback on this side of a
+        # partition could otherwise make a quorum that never overlapped the write's.
+        queue = self.ring.prefer_healthy([n for n in replicas if n.address != me])
         retried: set[NodeInfo] = set()
         if len(answers) + 1 == need and queue:
             # the common case, one remote answer short of the quorum: await it without a task of its own
             node = queue.pop(0)
             try:
-                answers[node] = await self._read_at(node, key)
+                answers[node], settled = await self._read_at(node, key)
+                widen = widen or not settled
             except Exception as exc:  # as the loop below treats a failed read: the next node is asked
                 if self._failed(node, exc):
                     retried.add(node)
                     queue.append(node)  # only slow: asked again, after the others, for longer
-        running: dict[asyncio.Future[Record | None], NodeInfo] = {}
+        running: dict[asyncio.Future[tuple[Record | None, bool]], NodeInfo] = {}
         try:
             while len(answers) < need and (queue or running):
                 while queue and len(running) + len(answers) < need:
@@ -387,7 +414,8 @@ class KVService:
                 for future in done:
                     node = running.pop(future)
                     if future.exception() is None:
-                        answers[node] = future.result()
+                        answers[node], settled = future.result()
+                        widen = widen or not settled
                     elif self._failed(node, future.exception()) and node not in retried:
                         retried.add(node)
                         queue.append(node)  # only slow: asked again, after the others, for longer
@@ -397,15 +425,16 @@ class KVService:
         if len(answers) < need:
             raise QuorumError("read", len(answers), need)
         best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
-        if best is None and queue:
-            # A miss on every replica asked: while the ring settles, another node may have placed the key
-            # on nodes this one does not count yet. Asking the rest costs messages only on a miss.
-            rest = await asyncio.gather(*(self._read_at(n, key) for n in queue), return_exceptions=True)
-            for node, result in zip(queue, rest, strict=True):
+        rest = [n for n in dict.fromkeys([*queue, *fallbacks]) if n not in answers]
+        if rest and (widen or best is None):
+            # While the ring changes, nodes can disagree on a key's replicas, and a replica new to the key
+            # may not hold it yet: the union of the replicas and the fallbacks covers where writes went.
+            found = await asyncio.gather(*(self._read_at(n, key) for n in rest), return_exceptions=True)
+            for node, result in zip(rest, found, strict=True):
                 if isinstance(result, BaseException):
                     self._failed(node, result)
                     continue
-                answers[node] = result
+                answers[node] = result[0]
             best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
         if best is not None:
             stale = [
@@ -438,13 +467,16 @@ class KVService:
     async def _replicate(
         self, records: list[Record], targets: list[NodeInfo], spare: list[NodeInfo], need: int
     ) -> tuple[int, Version | None]:
-        """Send ``records`` to ``targets``, replacing each that fails with the next ``spare``; returns as
-        soon as ``need`` acknowledged (the rest finish in the background) or every attempt is over.
+        """Send ``records`` to ``targets``, and to the next ``spare`` for each that fails; returns as
+        soon as ``need`` targets acknowledged (the rest finish in the background) or every attempt is over.
 
-        Returns how many acknowledged, and the greatest version a replica refused a record for. Every
-        attempt is counted by a callback as it ends, so a write waits on one future, whatever the replicas.
+        Returns how many targets acknowledged, and the greatest version a replica refused a record for.
+        A spare keeps a copy (handed to the replica by maintenance later) but never counts towards
+        ``need``: a quorum is of the key's replicas, so every read quorum overlaps every write quorum.
+        Every attempt is counted by a callback as it ends, so a write waits on one future.
         """
         spare = list(spare)
+        counted = set(targets)
         acked, pending = 0, 0
         newest_version: Version | None = None
         retried: set[NodeInfo] = set()
@@ -457,7 +489,9 @@ class KVService:
             if exc is None:
                 # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
                 _, newer = future.result()
-                if newer is not None and newer.timestamp > self.clock.limit():
+                if node not in counted:
+                    pass  # a spare: it holds a copy, but a quorum counts replicas only
+                elif newer is not None and newer.timestamp > self.clock.limit():
                     # it holds a version stamped beyond the skew, which would beat every write: not an
                     # acknowledgement, and never a reason to stamp past it
                     log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
@@ -467,13 +501,12 @@ class KVService:
                         newest_version = newer
             else:  # accounted even after the quorum: a peer found down is forgotten at once
                 slow = self._failed(node, exc)
-                if not quorum.done():
-                    if slow and node not in retried:
-                        # only slow: asked again, for longer (its timeout backed off), beside a spare
-                        retried.add(node)
-                        start(node)
-                    if spare:
-                        start(spare.pop(0))
+                if slow and node not in retried and not quorum.done():
+                    # only slow: asked again, for longer (its timeout backed off), beside a spare
+                    retried.add(node)
+                    start(node)
+                if spare:  # even after the quorum: N copies, the spare's handed back by maintenance
+                    start(spare.pop(0))
             if not quorum.done() and (acked >= need or pending == 0):
                 quorum.set_result(None)
 
@@ -550,17 +583,19 @@ class KVService:
         log.warning("%s: ignoring a record of %r stamped beyond the clock skew", self.ring.info, record.key)
         return None
 
-    async def _read_at(self, node: NodeInfo, key: bytes) -> Record | None:
+    async def _read_at(self, node: NodeInfo, key: bytes) -> tuple[Record | None, bool]:
+        """``node``'s record of ``key``, and whether ``node`` is :attr:`settled`."""
         if node.address == self.ring.address:
-            return self._adoptable(await self.storage.get(key))
+            return self._adoptable(await self.storage.get(key)), self.settled
         batcher = self._readers.get(node.address)
         if batcher is None:
             send = functools.partial(self._read_many, node.address)
             batcher = self._readers[node.address] = Batcher(send, _key_batches)
-        record = self._adoptable(await batcher.submit(key))
+        found, settled = await batcher.submit(key)
+        record = self._adoptable(found)
         if record is not None:
             self.clock.observe(record.version.timestamp)
-        return record
+        return record, settled
 
     def _start_write(
         self, node: NodeInfo, records: list[Record]
@@ -591,12 +626,12 @@ class KVService:
             results += await self._store_many(node.address, chunk)
         return _summary(results)
 
-    async def _read_many(self, address: str, keys: list[bytes]) -> list[Record | None]:
+    async def _read_many(self, address: str, keys: list[bytes]) -> list[tuple[Record | None, bool]]:
         raw = await self._call(
             address, "kv.read_many", {"keys": [_b64(k) for k in keys]}, self._timeout_for(len(keys))
         )
         answer = wire.decode(wire.ReadManyAnswer, raw, self._limits)
-        return [None if r is None else r.record() for r in answer.records]
+        return [(None if r is None else r.record(), answer.settled) for r in answer.records]
 
     async def _store_many(self, address: str, records: list[Record]) -> list[Stored]:
         raw = await self._call(
@@ -679,12 +714,13 @@ class KVService:
         """One pass of hand-off, repair and anti-entropy over every local record (see the module doc)."""
         async with self._maintaining:
             report = Maintenance()
+            epoch, settled = self.ring.epoch, self.settled
             placement = _Placement(self.ring)
             pacer = _Pacer(self.slice)
             me = self.ring.address
             grace = self.config.tombstone_grace
             shift = self.ring.space.bits - BUCKET_BITS
-            now = time.time()
+            now = self.wall()
             peers: dict[str, NodeInfo] = {}  # one id to call each process at
             digests: dict[str, _Digests] = {}
             misplaced: list[tuple[Record, list[NodeInfo]]] = []
@@ -713,13 +749,52 @@ class KVService:
                             digest.fingerprints[bucket] ^= fingerprint
                     if all(node.address != me for node in replicas):
                         misplaced.append((record, replicas))
-            report.collected = await self._remove(expired, pacer)
-            self._digests = digests
-            self._placement = placement
+            report.collected = await self._collect(expired, placement, pacer)
+            self._digests, self._placement, self._placed_epoch = digests, placement, epoch
+            if not settled:  # pull from every member, not only those this node's records name
+                for address in self.members():
+                    if address != me and address not in digests:
+                        peers[address], digests[address] = NodeInfo(0, address), _Digests()
+            complete = True
             for address, digest in digests.items():
-                await self._sync_with(peers[address], digest, placement, report, pacer)
+                complete &= await self._sync_with(peers[address], digest, placement, report, pacer)
             await self._hand_off(misplaced, report, pacer)
+            if complete and self.ring.epoch == epoch:
+                self._synced_epoch = epoch
             return report
+
+    async def _collect(self, tombstones: list[Record], placement: _Placement, pacer: _Pacer) -> int:
+        """Drop the ``tombstones`` past their grace period that every replica of their key confirms: it
+        holds the tombstone (or a newer record), or nothing at all. A replica that is unreachable, or
+        that still holds an older live value, keeps the tombstone here (the latter is repaired), so no
+        replica of the key can bring the value back. Returns how many were dropped."""
+        me = self.ring.address
+        by_replicas: dict[tuple[NodeInfo, ...], list[Record]] = {}
+        for record in tombstones:
+            await pacer.pause()
+            try:
+                replicas, _ = await self.replica_set(record.key, placement)
+            except RingError:
+                continue
+            by_replicas.setdefault(tuple(n for n in replicas if n.address != me), []).append(record)
+        confirmed: list[Record] = []
+        for others, records in by_replicas.items():
+            for i in range(0, len(records), self.config.handoff_batch):
+                chunk = records[i : i + self.config.handoff_batch]
+                keep: set[bytes] = set()
+                for node in others:
+                    try:
+                        held = await self._read_many(node.address, [r.key for r in chunk])
+                    except BalancerError:
+                        keep.update(r.key for r in chunk)
+                        break
+                    behind = [r for r, (theirs, _) in zip(chunk, held, strict=True)
+                              if theirs is not None and theirs.version < r.version]  # fmt: skip
+                    if behind:
+                        keep.update(r.key for r in behind)
+                        await self._write_at(node, behind)
+                confirmed += [r for r in chunk if r.key not in keep]
+        return await self._remove(confirmed, pacer)
 
     async def _remove(self, records: list[Record], pacer: _Pacer) -> int:
         """Drop ``records`` from the storage (unless overwritten since) a batch at a time; how many."""
@@ -749,8 +824,9 @@ class KVService:
 
     async def _sync_with(
         self, node: NodeInfo, digest: _Digests, placement: _Placement, report: Maintenance, pacer: _Pacer
-    ) -> None:
-        """Compare digests with ``node`` and exchange the records of the buckets that differ."""
+    ) -> bool:
+        """Compare digests with ``node`` and exchange the records of the buckets that differ; whether
+        that completed with a peer whose digests were made at its current view of the ring."""
         try:
             raw = await self._call(
                 node.address,
@@ -758,7 +834,8 @@ class KVService:
                 {"node": self.ring.info.to_wire(), "digests": digest.wire()},
                 self.config.rpc_timeout,
             )
-            for bucket in wire.decode(wire.DigestsAnswer, raw, self._limits).differ:
+            answer_digests = wire.decode(wire.DigestsAnswer, raw, self._limits)
+            for bucket in answer_digests.differ:
                 entries = [
                     [_b64(r.key), *r.version.to_wire()]
                     async for r in self._shared_in(node.address, bucket, placement, pacer)
@@ -785,9 +862,11 @@ class KVService:
                 if mine:
                     await self._write_at(node, mine)
                     report.pushed += len(mine)
+            return answer_digests.current
         except BalancerError as exc:
             report.unreachable.add(node.address)
             log.debug("%s: anti-entropy with %s failed: %s", self.ring.info, node, exc)
+            return False
 
     async def _hand_off(
         self, misplaced: list[tuple[Record, list[NodeInfo]]], report: Maintenance, pacer: _Pacer
@@ -860,7 +939,7 @@ class KVService:
 
     async def _rpc_read_many(self, message: wire.ReadMany) -> Payload:
         found = [await self.storage.get(key) for key in message.keys]
-        return {"records": [r.to_wire() if r else None for r in found]}
+        return {"records": [r.to_wire() if r else None for r in found], "settled": self.settled}
 
     async def _rpc_store(self, message: wire.Store) -> Payload:
         records = [r.record() for r in message.records]
@@ -877,10 +956,10 @@ class KVService:
 
     async def _rpc_digests(self, message: wire.Digests) -> Payload:
         if self._placement is None:  # no pass yet: nothing to compare with, every bucket would differ
-            return {"differ": []}
+            return {"differ": [], "current": False}
         theirs = {int(b): list(digest) for b, digest in message.digests.items()}
         mine = self._digests.get(message.node.address) or _Digests()
-        return {"differ": mine.differ(theirs)}
+        return {"differ": mine.differ(theirs), "current": self._placed_epoch == self.ring.epoch}
 
     async def _rpc_compare(self, message: wire.Compare) -> Payload:
         peer, bucket = message.node.value(), message.bucket

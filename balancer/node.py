@@ -33,6 +33,7 @@ from balancer.errors import (
     BadAnswerError,
     BalancerError,
     ConfigError,
+    CutOffError,
     IncompatibleConfigError,
     PeerUnreachableError,
     RemoteError,
@@ -114,6 +115,7 @@ class Node(PublicApi):
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
         self._members: tuple[Member, ...] = ()
+        self._down_at: dict[str, float] = {}  # members shown down, and since when (monotonic)
         self._view_survey: asyncio.Future[Payload] | None = None  # the GET /ring survey under way
         self._last_view: tuple[float, Payload] | None = None  # (loop time, view) of the last one
         self.started = False
@@ -165,6 +167,7 @@ class Node(PublicApi):
             asyncio.create_task(self._every(self.config.check_predecessor_interval, ring.check_predecessor)),
             asyncio.create_task(self._maintainer()),
             asyncio.create_task(self._surveyor()),
+            asyncio.create_task(self._reuniter()),
         ]
         log.info(
             "%s: %s with %d virtual nodes",
@@ -193,6 +196,7 @@ class Node(PublicApi):
             vnode.on_predecessor_change(self._on_predecessor_change)
         self._ring = ring
         self._kv = KVService(ring, self.storage, self.strategy, self._call, self.config, self._emit)
+        self._kv.members = lambda: [m.address for m in self._members if m.state == "up"]
         self._handlers.update(ring.handlers())
         self._handlers.update(self._kv.handlers())
         self._handlers["chord.join"] = self._refuse_join
@@ -300,6 +304,7 @@ class Node(PublicApi):
         if problems and not self.create_if_alone:
             raise self._join_failure(problems, attempt, loop.time() - started)
         self._install(own, self._derived_ids(own)).create()
+        self.kv.mark_settled()  # a new ring: no other node can hold writes this one lacks
 
     @staticmethod
     def _join_schedule(timeout: float) -> list[float]:
@@ -411,8 +416,22 @@ class Node(PublicApi):
         hop count is the network messages the lookup took."""
         return await self.ring.find_successor(self.space.id(self.kv.encode_key(key)))
 
+    def _check_majority(self) -> None:
+        """Raise :class:`CutOffError` unless this node sees a majority of the ring's members up, counting
+        members that fell silent within ``partition_memory`` seconds (not those that refused: a refused
+        connection means a host that answers with no process listening, a dead node, not a partition)."""
+        now, memory = time.monotonic(), self.config.partition_memory
+        dead = self.detector.refusing  # no process listens there: gone, not on the other side of a cut
+        down = sum(1 for a, since in self._down_at.items() if now - since < memory and a not in dead)
+        up = len(self._members) - len(self._down_at)
+        if down and 2 * up <= up + down:
+            raise CutOffError(up, up + down)
+
     async def get(self, key: str | bytes) -> bytes:
-        """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`."""
+        """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`, and
+        :class:`~balancer.errors.CutOffError` if this node sees no majority of the ring."""
+        if self._down_at:
+            self._check_majority()
         if not self._observing:  # the common case: no plugin listens, so no timing
             return await self.kv.get(key)
         with self._observed("get"):
@@ -420,6 +439,8 @@ class Node(PublicApi):
 
     async def put(self, key: str | bytes, value: bytes) -> None:
         """Store ``value`` under ``key`` on the ring."""
+        if self._down_at:
+            self._check_majority()
         if not self._observing:
             await self.kv.put(key, value)
             return
@@ -428,6 +449,8 @@ class Node(PublicApi):
 
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
+        if self._down_at:
+            self._check_majority()
         with self._observed("delete"):
             await self.kv.delete(key)
 
@@ -469,6 +492,8 @@ class Node(PublicApi):
         return status
 
     def _set_members(self, members: tuple[Member, ...]) -> None:
+        now = time.monotonic()
+        self._down_at = {m.address: self._down_at.get(m.address, now) for m in members if m.state == "down"}
         if members != self._members:
             self._members = members
             self._emit("membership_changed", node=self.ring.info, members=members)
@@ -670,6 +695,30 @@ class Node(PublicApi):
                 log.info("%s: surveying the ring failed: %s", self.ring.info, exc)
             except Exception:
                 log.exception("%s: surveying the ring crashed; it will run again", self.ring.info)
+
+    async def _reuniter(self) -> None:
+        """Every few stabilization rounds, try one member this node saw fail (round robin): one that
+        answers again (a partition healed, or a pause ended) is merged with (:meth:`Ring.reunite`)."""
+        jitter = self.config.jitter
+        period = max(1.0, 4 * self.config.stabilize_interval)
+        turn = 0
+        while True:
+            await asyncio.sleep(period * self._random.uniform(1 - jitter, 1 + jitter))
+            down = [m.address for m in self._members if m.state == "down"]
+            if not down:
+                continue
+            turn += 1
+            address = down[turn % len(down)]
+            try:
+                if await self.ring.reunite(address):
+                    self._membership_changed.set()
+                    self._survey_due.set()
+            except PeerUnreachableError:
+                continue
+            except BalancerError as exc:
+                log.info("%s: could not merge with %s: %s", self.ring.info, address, exc)
+            except Exception:
+                log.exception("%s: merging with %s crashed; it will be tried again", self.ring.info, address)
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []

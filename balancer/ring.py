@@ -391,6 +391,33 @@ class Ring:
         await self.settle()
         return first
 
+    async def reunite(self, address: str) -> bool:
+        """Merge with the ring of the process at ``address``, which this one declared failed: after a
+        partition heals, each side is a ring of its own, and stabilization alone never brings them
+        together. Each local vnode looks its own id up in that ring and takes the answer as its successor
+        if it lies closer than the current one; stabilization then interleaves the two rings. Returns
+        whether any successor changed. Raises :class:`PeerUnreachableError` if ``address`` does not
+        answer, :class:`IncompatibleConfigError` if its ring's settings differ.
+        """
+        changed = False
+        for vnode in self.vnodes:
+            raw = await self._remote(
+                address,
+                "chord.join",
+                {"node": vnode.info.to_wire(), "settings": self.settings},
+                self.timeout * 4,
+            )
+            found = [n.value() for n in wire.decode(wire.JoinAnswer, raw, self._limits).successors]
+            found = [n for n in found if n.address != self.address]
+            if found and in_interval(found[0].id, vnode.info.id, vnode.successor.id, self.space.size):
+                vnode._set_successors(found[0], found[1:])
+                changed = True
+        if changed:
+            log.info("%s: merged with the ring of %s", self.info, address)
+            self._changed()
+            await self.settle()
+        return changed
+
     async def settle(self) -> int:
         """Stabilize every vnode, round after round, until a round changes no successor list or
         predecessor (at most r rounds); returns the rounds run. Concurrent callers share the rounds."""

@@ -286,9 +286,12 @@ class ReadMany(Message, frozen=True):
 
 
 class ReadManyAnswer(Message, frozen=True):
-    """``kv.read_many``'s answer: one record (or ``null``) per key, in order."""
+    """``kv.read_many``'s answer: one record (or ``null``) per key, in order, and whether the node has
+    settled (synced with every replica it shares keys with since it last saw the ring change); an
+    unsettled node's answer may miss writes, so the reader widens its quorum."""
 
     records: Annotated[list[WireRecord | None], Meta(max_length=MAX_BATCH)]
+    settled: bool = True
 
 
 class Store(Message, frozen=True):
@@ -314,9 +317,11 @@ class Digests(Message, frozen=True):
 
 
 class DigestsAnswer(Message, frozen=True):
-    """``kv.digests``'s answer: the buckets whose digests differ."""
+    """``kv.digests``'s answer: the buckets whose digests differ, and whether the answering node's
+    digests were made at its current view of the ring (if not, what it would send may be incomplete)."""
 
     differ: Annotated[list[_Bucket], Meta(max_length=64)]
+    current: bool = True
 
 
 class Compare(Message, frozen=True):

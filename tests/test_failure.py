@@ -194,3 +194,14 @@ async def test_a_failed_peer_leaves_no_per_peer_state_behind(
     assert all(dead.address not in addresses(v.successors) for v in nodes[0].ring.vnodes)
     assert dead.address not in nodes[0].kv._readers
     assert dead.address not in nodes[0].kv._writers
+
+
+def test_refusing_peers_are_remembered_after_they_are_forgotten() -> None:
+    detector = FailureDetector(0.5)
+    detector.missed("dead:1", PeerUnreachableError("dead:1", "refused", refused=True))
+    detector.missed("cut:1", _timeout("cut:1"))
+    detector.forget("dead:1")
+    detector.forget("cut:1")
+    assert detector.refusing == {"dead:1"}  # dead, not cut off: it does not count against a majority
+    detector.answered("dead:1", 0.01)  # back: a later silence is a silence again
+    assert detector.refusing == set()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import time
 
+import pluggy
 import pytest
 from helpers import SOLO, RingFactory, addresses, converge, copies, settle
 
-from balancer.errors import BadRequestError, KeyNotFoundError, QuorumError, TooLargeError
+from balancer.errors import BadRequestError, CutOffError, KeyNotFoundError, QuorumError, TooLargeError
 from balancer.kv import HybridClock
-from balancer.plugins.local_transport import LocalNetwork
+from balancer.node import Node
+from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 from balancer.types import Record, Version
 
 
@@ -307,3 +311,74 @@ async def test_more_reads_in_one_turn_than_a_message_carries_are_split(
     values = await asyncio.gather(*(nodes[0].get("k") for _ in range(5000)))  # one turn, one peer
     assert values == [b"v"] * 5000
     assert network.calls["kv.read_many"] - reads == 2  # 4,096 keys, then the rest
+
+
+async def test_a_tombstone_is_kept_while_a_replica_holds_an_older_value(make_ring: RingFactory) -> None:
+    nodes = await make_ring(3, tombstone_grace=60.0)
+    stamp = int((time.time() - 120) * 1000) << 16
+    live = Record(b"old", b"value", Version(stamp, 1))
+    tombstone = Record(b"old", None, Version(stamp + 1, 1))
+    await nodes[0].storage.put(tombstone)
+    await nodes[1].storage.put(tombstone)
+    await nodes[2].storage.put(live)  # a replica that missed the delete
+    report = await nodes[0].kv.maintain()
+    assert report.collected == 0  # dropping it now would let the live value come back
+    await nodes[0].kv.drain()
+    assert await nodes[2].storage.get(b"old") == tombstone  # the laggard was sent the tombstone
+    assert (await nodes[0].kv.maintain()).collected == 1  # every replica holds it now
+    assert await nodes[0].storage.get(b"old") is None
+    assert (await nodes[1].kv.maintain()).collected == 1  # a replica that holds nothing confirms too
+
+
+async def test_a_tombstone_is_kept_while_a_replica_is_unreachable(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3, tombstone_grace=60.0)
+    tombstone = Record(b"old", None, Version(int((time.time() - 120) * 1000) << 16, 1))
+    for node in nodes:
+        await node.storage.put(tombstone)
+    network.cut_link(nodes[0].address, nodes[2].address)
+    assert (await nodes[0].kv.maintain()).collected == 0
+    network.heal_link(nodes[0].address, nodes[2].address)
+    assert (await nodes[0].kv.maintain()).collected == 1
+
+
+async def test_a_node_that_joins_is_unsettled_until_it_synced(
+    make_ring: RingFactory, network: LocalNetwork, pm: pluggy.PluginManager
+) -> None:
+    nodes = await make_ring(3)
+    for i in range(30):
+        await nodes[0].put(f"k{i}", b"v")
+    await settle(nodes)
+    assert all(n.kv.settled for n in nodes)
+    joiner = Node(nodes[0].config, join=nodes[0].address, pm=pm, transport=LocalTransport(network))
+    await joiner.start()
+    try:
+        assert not joiner.kv.settled  # it may lack writes acknowledged before it joined
+        answer = await joiner.kv.handlers()["kv.read_many"]({"keys": [base64.b64encode(b"k0").decode()]})
+        assert answer["settled"] is False  # so a reader that meets it widens its quorum
+        everyone = [*nodes, joiner]
+        await converge(everyone)
+        await settle(everyone)
+        assert joiner.kv.settled
+        assert await joiner.storage.count() > 0  # it pulled its share while unsettled
+    finally:
+        await joiner.close()
+
+
+async def test_a_node_that_sees_no_majority_serves_nothing(make_ring: RingFactory) -> None:
+    nodes = await make_ring(3)
+    node = nodes[0]
+    await node.put("k", b"v")
+    await node.ring_status()
+    others = [m.address for m in node.members() if m.address != node.address]
+    assert len(others) == 2
+    # both peers fell silent (a partition, as the failure detector reports it): 1 of 3 is no majority
+    node._set_members(tuple(dataclasses.replace(m, state="down") if m.address in others else m
+                            for m in node.members()))  # fmt: skip
+    with pytest.raises(CutOffError, match="sees 1 of 3 ring members up"):
+        await node.get("k")
+    with pytest.raises(CutOffError):
+        await node.put("k", b"w")
+    node.detector.refusing.update(others)  # refused connections: dead processes, not a partition
+    assert await node.get("k") == b"v"
