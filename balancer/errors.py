@@ -200,11 +200,14 @@ class CutOffError(QuorumError):
     or most members failed within ``partition_memory``), so it serves no reads or writes that could
     diverge from the majority's (HTTP 503)."""
 
-    def __init__(self, up: int, members: int) -> None:
+    def __init__(self, up: int, members: int, *, rejoining: bool = False) -> None:
         RingError.__init__(
             self,
-            f"this node sees {up} of {members} ring members up, no majority: it may be cut off from the "
-            "rest, and serves no reads or writes until it sees a majority again",
+            "this node is merging rings after a partition, and serves no reads or writes until it has "
+            "synced with the whole ring"
+            if rejoining
+            else f"this node sees {up} of {members} ring members up, no majority: it may be cut off from "
+            "the rest, and serves no reads or writes until it sees a majority again",
         )
         self.operation = "any"
         self.answered = up

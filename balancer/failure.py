@@ -81,6 +81,8 @@ class FailureDetector:
         self.threshold = threshold
         self._clock = clock
         self._peers: dict[str, PeerHealth] = {}
+        self.silent: set[str] = set()
+        """Peers whose last call failed (suspected), until they answer or are forgotten."""
         self.refusing: set[str] = set()
         """Peers whose last call found no process listening (kept after :meth:`forget`): dead, not cut
         off, so they do not count as members this node cannot see (see ``Config.partition_memory``)."""
@@ -115,6 +117,7 @@ class FailureDetector:
             health.srtt = 0.875 * health.srtt + 0.125 * rtt
         health.suspect = health.refused = False
         self.refusing.discard(address)
+        self.silent.discard(address)
         health.waiting_since = None
         health.backoff = 1.0
 
@@ -125,6 +128,7 @@ class FailureDetector:
             health.waiting_since = self._clock() if since is None else since
         health.suspect = True
         health.refused = exc.refused
+        self.silent.add(address)
         if exc.refused:
             if len(self.refusing) >= _REFUSING_KEPT:
                 self.refusing.clear()
@@ -141,6 +145,13 @@ class FailureDetector:
             return 0.0
         return max(0.0, self._clock() - health.waiting_since) / health.interval * _LOG10_E
 
+    def silent_for(self, address: str) -> float:
+        """Seconds since the first call to ``address`` that is still unanswered (0 if none is)."""
+        health = self._peers.get(address)
+        if health is None or health.waiting_since is None or not health.suspect:
+            return 0.0
+        return self._clock() - health.waiting_since
+
     def suspect(self, address: str) -> bool:
         """Whether the last call to ``address`` failed (routing should prefer other peers)."""
         health = self._peers.get(address)
@@ -156,6 +167,7 @@ class FailureDetector:
     def forget(self, address: str) -> None:
         """Drop what is known of ``address`` (it left, or was declared failed)."""
         self._peers.pop(address, None)
+        self.silent.discard(address)
 
     def monitor(self, call: Call) -> Call:
         """``call`` with adaptive timeouts, every answer and failure recorded here."""

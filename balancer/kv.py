@@ -2,15 +2,20 @@
 
 **Replicas.** A key's replica set is N distinct nodes: the owners of the ring positions the replication
 strategy names (the successor of the key's id for ``successor``; of ``hash(key, i)`` for ``multi-ring``),
-completed from the successor list. Nodes after those are fallbacks, used when a replica does not answer.
+completed from the successor list. Nodes after those are fallbacks: a write sends a copy to one for each
+replica that does not answer (it never counts towards W), and a read asks them while the ring changes.
 
 **Versions.** A write is stamped here, at the coordinating node, with a hybrid logical clock timestamp and
 this node's id. Every store keeps the greatest version (last writer wins), so replicas converge whatever
-order writes arrive in; a delete writes a tombstone, collected after ``tombstone_grace``.
+order writes arrive in; a delete writes a tombstone, collected after ``tombstone_grace`` once every
+replica of its key confirmed it.
 
-**Quorums.** A write returns once W replicas stored it, and fails with :class:`QuorumError` (saying how
-many answered) otherwise; the replicas still in flight finish in the background. A read asks R replicas
-and returns the newest version; replicas that answered with an older one are repaired at once.
+**Quorums.** A write returns once W of the key's replicas stored it, and fails with :class:`QuorumError`
+(saying how many answered) otherwise; the replicas still in flight finish in the background. A read asks
+R replicas and returns the newest version; replicas that answered with an older one are repaired at once.
+A node is *settled* once a maintenance pass synced it with its peers since the ring last changed around
+it; a read that meets an unsettled node (it joined, restarted, or its neighbours changed) also asks the
+key's other replicas and fallbacks, where the key was before the change, and takes the newest answer.
 
 **Maintenance.** Periodically, and soon after any membership change, each node computes the replica set
 of every record it holds. Records it no longer replicates are pushed to their replicas and dropped only
@@ -266,6 +271,9 @@ class KVService:
         self._readers: dict[str, Batcher[bytes, tuple[Record | None, bool]]] = {}
         self._synced_epoch: int | None = None  # the ring epoch of the last complete maintenance pass
         self._placed_epoch: int | None = None  # the ring epoch the last pass's digests were made at
+        self.trusted: Callable[[], bool] = lambda: True
+        """Whether this node's view of the ring can be trusted (set by the node: not while it sees no
+        majority of the ring, or merges rings)."""
         self.members: Callable[[], Iterable[str]] = ring.pointed
         """The processes of the ring this node knows to be up: an unsettled node syncs with them all."""
         # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
@@ -315,12 +323,23 @@ class KVService:
     # -- replica sets -----------------------------------------------------------------------------
 
     @property
-    def settled(self) -> bool:
+    def synced(self) -> bool:
         """Whether this node has synced with every replica it shares records with since it last saw the
-        ring change (a maintenance pass that reached every peer, with no change during it). An unsettled
-        node may lack writes acknowledged elsewhere: a node that just joined, restarted or came back
-        from a partition, or one whose neighbours changed. Readers that meet one widen their quorum."""
+        ring change (a maintenance pass that reached every peer, with no change during it)."""
         return self._synced_epoch == self.ring.epoch
+
+    @property
+    def settled(self) -> bool:
+        """:attr:`synced`, and :attr:`trusted` (the node is not cut off from the ring's majority, nor
+        merging rings). An unsettled node may lack writes acknowledged elsewhere: a node that just
+        joined, restarted or came back from a partition, or one whose neighbours changed. Readers that
+        meet one widen their quorum."""
+        return self._synced_epoch == self.ring.epoch and self.trusted()
+
+    def unsettle(self) -> None:
+        """Declare this node unsettled until its next complete maintenance pass (it rejoined the ring
+        after a partition, and what it holds may lack what the rest acknowledged meanwhile)."""
+        self._synced_epoch = None
 
     def mark_settled(self) -> None:
         """Declare this node settled at the ring's current epoch: for a node that creates a ring, which

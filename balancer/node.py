@@ -115,7 +115,10 @@ class Node(PublicApi):
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
         self._kv: KVService | None = None
         self._members: tuple[Member, ...] = ()
-        self._down_at: dict[str, float] = {}  # members shown down, and since when (monotonic)
+        # processes this node declared failed (by silence or refusal) and has not found in its ring since,
+        # with when (monotonic): tried again by _reuniter, and counted by _check_majority
+        self._lost: dict[str, float] = {}
+        self._rejoining = False  # merged rings, or back from a minority, and not settled since
         self._view_survey: asyncio.Future[Payload] | None = None  # the GET /ring survey under way
         self._last_view: tuple[float, Payload] | None = None  # (loop time, view) of the last one
         self.started = False
@@ -197,6 +200,7 @@ class Node(PublicApi):
         self._ring = ring
         self._kv = KVService(ring, self.storage, self.strategy, self._call, self.config, self._emit)
         self._kv.members = lambda: [m.address for m in self._members if m.state == "up"]
+        self._kv.trusted = self._trusted
         self._handlers.update(ring.handlers())
         self._handlers.update(self._kv.handlers())
         self._handlers["chord.join"] = self._refuse_join
@@ -416,21 +420,52 @@ class Node(PublicApi):
         hop count is the network messages the lookup took."""
         return await self.ring.find_successor(self.space.id(self.kv.encode_key(key)))
 
+    def _minority(self) -> tuple[int, int] | None:
+        """``(up, members)`` if this node sees no majority of the ring's processes, else ``None``. The
+        processes it declared failed within ``partition_memory`` seconds (or could not survey since one
+        fell silent) and has not found in its ring since count as members it cannot see, except those
+        whose connections were refused (a host that answers with no process listening: a dead node,
+        not one on the other side of a partition)."""
+        detector = self.detector
+        now, memory, dead = time.monotonic(), self.config.partition_memory, detector.refusing
+        unseen = {a for a, since in self._lost.items() if now - since < memory and a not in dead}
+        # Peers silent for two timeouts count too: a node on the minority side of a partition stops
+        # serving within that, well before the majority declares it failed (at least nine timeouts)
+        # and takes its keys over, so the two sides never acknowledge writes of one key at once.
+        patience = 2 * self.config.rpc_timeout
+        known = {m.address for m in self._members}
+        unseen.update(
+            a for a in detector.silent if a in known and a not in dead and detector.silent_for(a) >= patience
+        )
+        if not unseen:
+            return None
+        members = {m.address for m in self._members if m.state != "down"} | unseen
+        up = len(members) - len(unseen)
+        return (up, len(members)) if 2 * up <= len(members) else None
+
+    def _trusted(self) -> bool:
+        """Whether this node's view of the ring may be trusted: it sees a majority of the ring, and is
+        not merging rings (see :meth:`_check_majority`)."""
+        if self._rejoining and self.kv.synced:
+            self._rejoining = False
+        if self._rejoining:
+            return False
+        return not (self._lost or self.detector.silent) or self._minority() is None
+
     def _check_majority(self) -> None:
-        """Raise :class:`CutOffError` unless this node sees a majority of the ring's members up, counting
-        members that fell silent within ``partition_memory`` seconds (not those that refused: a refused
-        connection means a host that answers with no process listening, a dead node, not a partition)."""
-        now, memory = time.monotonic(), self.config.partition_memory
-        dead = self.detector.refusing  # no process listens there: gone, not on the other side of a cut
-        down = sum(1 for a, since in self._down_at.items() if now - since < memory and a not in dead)
-        up = len(self._members) - len(self._down_at)
-        if down and 2 * up <= up + down:
-            raise CutOffError(up, up + down)
+        """Raise :class:`CutOffError` if this node sees no majority of the ring (:meth:`_minority`), or
+        if it merged two rings (or came back from a minority) and has not settled since: until its
+        maintenance pass has synced it with the whole merged ring, its view may be half of each side's."""
+        cut = self._minority()
+        if cut is not None:
+            raise CutOffError(*cut)
+        if self._rejoining and not self._trusted():
+            raise CutOffError(len(self._members), len(self._members), rejoining=True)
 
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`, and
         :class:`~balancer.errors.CutOffError` if this node sees no majority of the ring."""
-        if self._down_at:
+        if self._lost or self._rejoining or self.detector.silent:
             self._check_majority()
         if not self._observing:  # the common case: no plugin listens, so no timing
             return await self.kv.get(key)
@@ -439,7 +474,7 @@ class Node(PublicApi):
 
     async def put(self, key: str | bytes, value: bytes) -> None:
         """Store ``value`` under ``key`` on the ring."""
-        if self._down_at:
+        if self._lost or self._rejoining or self.detector.silent:
             self._check_majority()
         if not self._observing:
             await self.kv.put(key, value)
@@ -449,7 +484,7 @@ class Node(PublicApi):
 
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
-        if self._down_at:
+        if self._lost or self._rejoining or self.detector.silent:
             self._check_majority()
         with self._observed("delete"):
             await self.kv.delete(key)
@@ -487,13 +522,18 @@ class Node(PublicApi):
             pointed=ring.pointed(),
         )
         self._set_members(status.members)
+        now = time.monotonic()
+        for member in status.members:
+            exc = failed.get(member.address)
+            if member.state == "down" and not (isinstance(exc, PeerUnreachableError) and exc.refused):
+                # silent and gone from this node's routing (perhaps by hearsay from a peer that declared
+                # it failed): as lost as one this node declared failed itself
+                self._lost.setdefault(member.address, now)
         if status.settled and not failed:  # a small settled ring: lookups answer from the whole map
             ring.adopt_map({i: d.address for d in found.values() for i, _ in d.vnodes}, epoch)
         return status
 
     def _set_members(self, members: tuple[Member, ...]) -> None:
-        now = time.monotonic()
-        self._down_at = {m.address: self._down_at.get(m.address, now) for m in members if m.state == "down"}
         if members != self._members:
             self._members = members
             self._emit("membership_changed", node=self.ring.info, members=members)
@@ -618,10 +658,12 @@ class Node(PublicApi):
             return
         last = self._heard.get(address)
         if event == "failed":
+            self._lost.setdefault(address, time.monotonic())
             self._mark(address, "down")
             if last in ("left", "failed"):
                 return
         elif event == "left":
+            self._lost.pop(address, None)
             self._departed.add(address)
             self._mark(address, None)
             if last == "left":
@@ -697,28 +739,52 @@ class Node(PublicApi):
                 log.exception("%s: surveying the ring crashed; it will run again", self.ring.info)
 
     async def _reuniter(self) -> None:
-        """Every few stabilization rounds, try one member this node saw fail (round robin): one that
-        answers again (a partition healed, or a pause ended) is merged with (:meth:`Ring.reunite`)."""
+        """Every few stabilization rounds, try one process this node declared failed (round robin).
+        One that answers is merged with (:meth:`Ring.reunite`): after a partition heals, each side is a
+        ring of its own until then. One whose ring turns out to be this one is no longer lost; so right
+        after a merge, the others are tried at once. Entries older than ``partition_memory`` expire."""
         jitter = self.config.jitter
         period = max(1.0, 4 * self.config.stabilize_interval)
         turn = 0
         while True:
             await asyncio.sleep(period * self._random.uniform(1 - jitter, 1 + jitter))
-            down = [m.address for m in self._members if m.state == "down"]
-            if not down:
+            now = time.monotonic()
+            for address in [a for a, t in self._lost.items() if now - t >= self.config.partition_memory]:
+                del self._lost[address]
+            if not self._lost:
                 continue
             turn += 1
-            address = down[turn % len(down)]
-            try:
-                if await self.ring.reunite(address):
-                    self._membership_changed.set()
-                    self._survey_due.set()
-            except PeerUnreachableError:
-                continue
-            except BalancerError as exc:
-                log.info("%s: could not merge with %s: %s", self.ring.info, address, exc)
-            except Exception:
-                log.exception("%s: merging with %s crashed; it will be tried again", self.ring.info, address)
+            lost = sorted(self._lost)
+            if await self._reunite(lost[turn % len(lost)]):
+                for address in lost:
+                    if address in self._lost:
+                        await self._reunite(address)
+
+    async def _reunite(self, address: str) -> bool:
+        """Try to merge with the ring of ``address``; whether it answered and a merge changed anything."""
+        minority = self._minority() is not None
+        try:
+            merged = await self.ring.reunite(address)
+        except PeerUnreachableError:
+            return False
+        except BalancerError as exc:
+            log.info("%s: could not merge with %s: %s", self.ring.info, address, exc)
+            return False
+        except Exception:
+            log.exception("%s: merging with %s crashed; it will be tried again", self.ring.info, address)
+            return False
+        if merged:
+            self._membership_changed.set()
+            self._survey_due.set()
+        else:
+            self._lost.pop(address, None)  # its ring is this one: found again
+        if merged or (minority and self._minority() is None):
+            # Merged two rings, or back from a minority (the other side merged this ring into theirs):
+            # until a maintenance pass has synced it with the whole ring, this node's view may be half
+            # of each side's, and what it holds the minority's. It serves again after that pass.
+            self._rejoining = True
+            self.kv.unsettle()
+        return merged
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []

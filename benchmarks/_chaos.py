@@ -166,7 +166,7 @@ class Member:
 
     def start(self, join: Member | None) -> None:
         where = ["--join", join.address] if join else ["--ring"]
-        command = ["ip", "netns", "exec", self.host.name, sys.executable, "-m", "balancer", "node",
+        command = ["ip", "netns", "exec", self.host.name, sys.executable, "-m", "balancer", "-v", "node",
                    "--host", self.host.ip, "--port", str(PORT), *where, *NODE_FLAGS, *self.args]  # fmt: skip
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
@@ -349,22 +349,27 @@ class Client:
         self.history.append(op)
         return op
 
-    async def read_everywhere(self, members: list[Member]) -> dict[str, dict[str, str | None]] | None:
-        """Every key read through every member: key -> node -> value (None if missing); None if any read
-        failed."""
-        found: dict[str, dict[str, str | None]] = {}
+    async def read_everywhere(self, members: list[Member]) -> dict[str, dict[str, str | Exception | None]]:
+        """Every key read through every member: key -> node -> value (None if missing, the error if
+        the read failed)."""
+        found: dict[str, dict[str, str | Exception | None]] = {}
         async with aiohttp.ClientSession(timeout=self.timeout) as http:
             for keys in self.keys:
                 for key in keys:
                     for member in members:
+                        answer: str | Exception | None
                         try:
                             async with http.get(f"http://{member.address}/kv/{key}") as resp:
-                                if resp.status not in (200, 404):
-                                    return None
-                                value = (await resp.read()).decode() if resp.status == 200 else None
-                        except (aiohttp.ClientError, TimeoutError, OSError):
-                            return None
-                        found.setdefault(key, {})[member.address] = value
+                                body = (await resp.read()).decode()
+                                if resp.status == 200:
+                                    answer = body
+                                elif resp.status == 404:
+                                    answer = None
+                                else:
+                                    answer = RuntimeError(f"{resp.status} {body}")
+                        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                            answer = exc
+                        found.setdefault(key, {})[member.address] = answer
         return found
 
 
@@ -388,18 +393,29 @@ async def converge(
     client: Client, members: list[Member], limit: float
 ) -> tuple[float | None, dict[str, str | None]]:
     """Wait until the ring of ``members`` settled and every member reads the same value of every key;
-    the seconds that took (None if not within ``limit``) and the agreed values (or the last seen)."""
+    the seconds that took (None if not within ``limit``) and the agreed values. If they never agree,
+    each key's value is the one most members read (a key no member could read counts as missing)."""
     start = time.monotonic()
-    agreed: dict[str, str | None] = {}
+    found: dict[str, dict[str, str | Exception | None]] = {}
     while time.monotonic() - start < limit:
         if await ring_settled(members):
             found = await client.read_everywhere(members)
-            if found is not None:
-                agreed = {k: next(iter(v.values())) for k, v in found.items()}
-                if all(len(set(v.values())) == 1 for v in found.values()):
-                    return time.monotonic() - start, agreed
+            agreed: dict[str, str | None] = {}
+            for key, answers in found.items():
+                values = set(answers.values())
+                value = next(iter(values))
+                if len(values) != 1 or isinstance(value, Exception):
+                    break
+                agreed[key] = value
+            else:
+                return time.monotonic() - start, agreed
         await asyncio.sleep(0.5)
-    return None, agreed
+    found = found or await client.read_everywhere(members)
+    final: dict[str, str | None] = {}
+    for key, answers in found.items():
+        read = [a for a in answers.values() if not isinstance(a, Exception)]
+        final[key] = max(read, key=read.count) if read else None
+    return None, final
 
 
 # -- the checker ---------------------------------------------------------------------------------------
@@ -723,6 +739,7 @@ async def run_schedule(
             if member.process is not None and not member.alive and member.process.returncode == -9:
                 member.start(join=cluster.live()[0])  # a node killed at the very end comes back too
         converged, final = await converge(client, cluster.live(), 90)
+        dump(client.history, folder / "history.jsonl")
         verdict = check(client.history, final)
         return Outcome(name, storage, replication, nodes, seconds, verdict, converged, folder)
     finally:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import time
 
 import pluggy
 import pytest
-from helpers import SOLO, RingFactory, addresses, converge, copies, settle
+from helpers import SOLO, RingFactory, addresses, converge, copies, ring_is_correct, settle
 
 from balancer.errors import BadRequestError, CutOffError, KeyNotFoundError, QuorumError, TooLargeError
 from balancer.kv import HybridClock
@@ -373,12 +372,32 @@ async def test_a_node_that_sees_no_majority_serves_nothing(make_ring: RingFactor
     await node.ring_status()
     others = [m.address for m in node.members() if m.address != node.address]
     assert len(others) == 2
-    # both peers fell silent (a partition, as the failure detector reports it): 1 of 3 is no majority
-    node._set_members(tuple(dataclasses.replace(m, state="down") if m.address in others else m
-                            for m in node.members()))  # fmt: skip
+    # both peers declared failed by silence (a partition) and not found again: 1 of 3 is no majority
+    node._lost = dict.fromkeys(others, time.monotonic())
     with pytest.raises(CutOffError, match="sees 1 of 3 ring members up"):
         await node.get("k")
     with pytest.raises(CutOffError):
         await node.put("k", b"w")
     node.detector.refusing.update(others)  # refused connections: dead processes, not a partition
     assert await node.get("k") == b"v"
+
+
+async def test_two_rings_that_were_one_merge_and_keep_every_write(make_ring: RingFactory) -> None:
+    """After a partition heals, each side is a ring of its own: reuniting merges them, and anti-entropy
+    leaves every key, written on either side, readable through any node."""
+    left = await make_ring(3, seed=1)
+    right = await make_ring(2, seed=2)  # the same network and settings: the other side of a cut
+    for i in range(20):
+        await left[i % 3].put(f"left{i}", b"l")
+        await right[i % 2].put(f"right{i}", b"r")
+    assert not ring_is_correct([*left, *right])
+    assert await right[0].ring.reunite(left[0].address)  # found closer successors over there
+    await left[1].ring.reunite(right[1].address)
+    everyone = [*left, *right]
+    await converge(everyone)
+    assert ring_is_correct(everyone)
+    await settle(everyone)
+    for node in everyone:
+        for i in range(20):
+            assert await node.get(f"left{i}") == b"l"
+            assert await node.get(f"right{i}") == b"r"

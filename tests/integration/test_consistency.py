@@ -1,7 +1,8 @@
 """Consistency under faults, the short form of ``benchmarks/consistency.py``: real node processes, each in
 its own network namespace, clients recording every operation while a schedule injects faults, and the
-checker over the history. Every schedule here keeps a quorum of each key alive (a partition leaves a
-majority on one side), so nothing acknowledged may be lost, no read may be stale and no delete undone.
+checker over the history. Every schedule here keeps a quorum of each key's replicas alive and together
+(the one cut off is a single node), so nothing acknowledged may be lost, no read may be stale and no
+delete undone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     ("schedule", "storage", "replication"),
     [
         ("partition-one", "memory", "successor"),
-        ("halves", "memory", "multi-ring"),
+        ("pause", "memory", "multi-ring"),
         ("kill-restart", "sqlite", "successor"),
         ("churn", "memory", "successor"),
     ],

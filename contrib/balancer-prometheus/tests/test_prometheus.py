@@ -268,7 +268,12 @@ async def test_a_ring_of_three_keeps_each_nodes_metrics_apart() -> None:
         first, second, third = nodes
 
         async def ring_formed() -> bool:
-            return all(len(n.members()) == 3 for n in nodes)
+            """Every node lists the three, and names both others among its successors (the metric)."""
+
+            def others(n: Node) -> set[str]:
+                return {s.address for s in n.view().successors} - {n.address}
+
+            return all(len(n.members()) == 3 and len(others(n)) == 2 for n in nodes)
 
         await eventually(ring_formed)
         keys = 20
