@@ -618,6 +618,7 @@ class Node(PublicApi):
             "vnodes": len(self.ring.vnodes),
             "weight": self.config.weight,
             "settings": self.config.ring_settings(),
+            "settled": self.kv.settled,
         }
 
     # -- internals --------------------------------------------------------------------------------

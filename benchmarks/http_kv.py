@@ -10,7 +10,8 @@ busy for ``--seconds`` (10) per run, after a ``--warmup`` (1 s) whose figures ar
 - *1 node*: ``balancer node --ring --replicas 1 --write-quorum 1 --read-quorum 1 --no-plugins``:
   ``GET /kv/{key}`` on keys written beforehand (values of ``--value-bytes``), then ``PUT /kv/{key}``;
 - *3-node ring*: three ``balancer node`` processes with the defaults N = 3, W = 2, R = 2 (one creates the
-  ring, two join it; measured once the ring has settled, as ``GET /ring`` reports it):
+  ring, two join it; measured once the ring has settled, as ``GET /ring`` and each node's ``/status``
+  report it):
   ``GET`` and then ``PUT /kv/{key}``, all sent to the node that created the ring. Ports are drawn from
   the seed, so node ids repeat (a settled ring of three answers every lookup without an RPC).
 
@@ -100,13 +101,20 @@ def node_command(port: int, join: str | None, n: int, w: int, r: int, loop: str 
 
 
 def ring_formed(addresses: Sequence[str]) -> bool:
-    """Whether the ring has settled (``GET /ring``: every successor list exact) with every node up."""
+    """Whether the ring has settled (``GET /ring``: every successor list exact) with every node up, and
+    every node has too (``GET /status``: a maintenance pass synced it since the ring last changed)."""
     reply = http_get(f"http://{addresses[0]}/ring", timeout=2)
     if reply is None or reply[0] != 200:
         return False
     view = json.loads(reply[1])
     states = {m["address"]: m["state"] for m in view["members"]}
-    return bool(view["settled"]) and states == dict.fromkeys(addresses, "up")
+    if not view["settled"] or states != dict.fromkeys(addresses, "up"):
+        return False
+    for address in addresses:  # and every node has synced with its peers since (GET /status: settled)
+        status = http_get(f"http://{address}/status", timeout=2)
+        if status is None or status[0] != 200 or not json.loads(status[1]).get("settled"):
+            return False
+    return True
 
 
 async def prewrite(address: str, keys: Sequence[str], value: bytes, timeout: float) -> None:
