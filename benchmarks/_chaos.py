@@ -601,7 +601,8 @@ async def slow(cluster: Cluster, seconds: float, rng: random.Random) -> None:
 
 
 async def pause(cluster: Cluster, seconds: float, rng: random.Random) -> None:
-    """A node paused (SIGSTOP) past the failure detector's patience, then resumed; twice."""
+    """A node paused (SIGSTOP) for a quarter of the run, then resumed; twice. In runs of 20 s or more
+    the pause outlasts the failure detector's patience (with the harness's 0.5 s RPC timeout)."""
     t0 = time.monotonic()
     for at in (0.15, 0.55):
         await _at(at, seconds, t0)
@@ -612,7 +613,7 @@ async def pause(cluster: Cluster, seconds: float, rng: random.Random) -> None:
 
 
 async def kill_restart(cluster: Cluster, seconds: float, rng: random.Random) -> None:
-    """kill -9 of a node, restarted (same address and data folder) a quarter of the run later; twice."""
+    """kill -9 of a node, restarted (same address and data folder) a fifth of the run later; twice."""
     t0 = time.monotonic()
     for at in (0.15, 0.5):
         await _at(at, seconds, t0)
