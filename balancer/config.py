@@ -73,10 +73,10 @@ class Config:
     """Seconds a signed RPC's timestamp may differ from the receiver's clock, and how far ahead of this
     node's clock a record's version may be stamped (a record further ahead is refused, never adopted)."""
     partition_memory: float = 600.0
-    """Seconds a member declared failed keeps counting as a ring member that this node cannot see: a node
-    that sees no majority of the members up (counting those) answers reads and writes with 503, so the
-    minority side of a partition never diverges from the majority. Past it, the failed member is
-    assumed gone for good."""
+    """Seconds a member declared failed (by silence, not by a refused connection) keeps counting as a
+    ring member that this node cannot see: a node that sees no majority of the members up (counting
+    those, and peers silent for two ``rpc_timeout``) answers reads and writes with 503, so the minority
+    side of a partition stops taking writes. Past it, the failed member is assumed gone for good."""
     clock_offset: float = 0.0
     """For fault tests only: seconds added to this node's wall clock (versions, tombstone ages), to run a
     node with a skewed clock on a machine whose clocks agree."""

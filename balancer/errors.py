@@ -197,8 +197,8 @@ class QuorumError(RingError):
 
 class CutOffError(QuorumError):
     """This node sees no majority of the ring's members up (it is on the minority side of a partition,
-    or most members failed within ``partition_memory``), so it serves no reads or writes that could
-    diverge from the majority's (HTTP 503)."""
+    or most members fell silent within ``partition_memory``), or it is merging rings after a partition
+    and has not synced yet; it serves no reads or writes meanwhile (HTTP 503)."""
 
     def __init__(self, up: int, members: int, *, rejoining: bool = False) -> None:
         RingError.__init__(

@@ -247,6 +247,9 @@ class KVService:
         call: Call,
         config: Config,
         emit: Callable[..., None] | None = None,
+        *,
+        members: Callable[[], Iterable[str]] | None = None,
+        trusted: Callable[[], bool] | None = None,
     ) -> None:
         self.ring = ring
         self.storage = storage
@@ -271,11 +274,9 @@ class KVService:
         self._readers: dict[str, Batcher[bytes, tuple[Record | None, bool]]] = {}
         self._synced_epoch: int | None = None  # the ring epoch of the last complete maintenance pass
         self._placed_epoch: int | None = None  # the ring epoch the last pass's digests were made at
-        self.trusted: Callable[[], bool] = lambda: True
-        """Whether this node's view of the ring can be trusted (set by the node: not while it sees no
-        majority of the ring, or merges rings)."""
-        self.members: Callable[[], Iterable[str]] = ring.pointed
-        """The processes of the ring this node knows to be up: an unsettled node syncs with them all."""
+        self._unsettled = 0  # calls of unsettle(): a pass under way during one does not settle the node
+        self._trusted = trusted or (lambda: True)  # the node's: not while cut off, or merging rings
+        self._members = members or ring.pointed  # processes known up: an unsettled node syncs with all
         # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
         self._sets: dict[bytes, tuple[float, list[NodeInfo], list[NodeInfo]]] = {}
         self._sets_epoch = 0
@@ -330,16 +331,18 @@ class KVService:
 
     @property
     def settled(self) -> bool:
-        """:attr:`synced`, and :attr:`trusted` (the node is not cut off from the ring's majority, nor
-        merging rings). An unsettled node may lack writes acknowledged elsewhere: a node that just
+        """:attr:`synced`, and trusted by the node (not cut off from the ring's majority, nor merging
+        rings). An unsettled node may lack writes acknowledged elsewhere: a node that just
         joined, restarted or came back from a partition, or one whose neighbours changed. Readers that
         meet one widen their quorum."""
-        return self._synced_epoch == self.ring.epoch and self.trusted()
+        return self.synced and self._trusted()
 
     def unsettle(self) -> None:
-        """Declare this node unsettled until its next complete maintenance pass (it rejoined the ring
-        after a partition, and what it holds may lack what the rest acknowledged meanwhile)."""
+        """Declare this node unsettled until a maintenance pass that starts after this completes (it
+        rejoined the ring after a partition, and what it holds may lack what the rest acknowledged
+        meanwhile); a pass already under way no longer counts."""
         self._synced_epoch = None
+        self._unsettled += 1
 
     def mark_settled(self) -> None:
         """Declare this node settled at the ring's current epoch: for a node that creates a ring, which
@@ -508,16 +511,15 @@ class KVService:
             if exc is None:
                 # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
                 _, newer = future.result()
-                if node not in counted:
-                    pass  # a spare: it holds a copy, but a quorum counts replicas only
-                elif newer is not None and newer.timestamp > self.clock.limit():
-                    # it holds a version stamped beyond the skew, which would beat every write: not an
-                    # acknowledgement, and never a reason to stamp past it
-                    log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
-                else:
-                    acked += 1
-                    if newer is not None and (newest_version is None or newer > newest_version):
-                        newest_version = newer
+                if node in counted:  # a spare holds a copy, but a quorum counts replicas only
+                    if newer is not None and newer.timestamp > self.clock.limit():
+                        # it holds a version stamped beyond the skew, which would beat every write: not
+                        # an acknowledgement, and never a reason to stamp past it
+                        log.warning("%s: %s holds a record stamped beyond the skew", self.ring.info, node)
+                    else:
+                        acked += 1
+                        if newer is not None and (newest_version is None or newer > newest_version):
+                            newest_version = newer
             else:  # accounted even after the quorum: a peer found down is forgotten at once
                 slow = self._failed(node, exc)
                 if slow and node not in retried and not quorum.done():
@@ -733,7 +735,7 @@ class KVService:
         """One pass of hand-off, repair and anti-entropy over every local record (see the module doc)."""
         async with self._maintaining:
             report = Maintenance()
-            epoch, settled = self.ring.epoch, self.settled
+            epoch, settled, unsettled = self.ring.epoch, self.settled, self._unsettled
             placement = _Placement(self.ring)
             pacer = _Pacer(self.slice)
             me = self.ring.address
@@ -771,14 +773,14 @@ class KVService:
             report.collected = await self._collect(expired, placement, pacer)
             self._digests, self._placement, self._placed_epoch = digests, placement, epoch
             if not settled:  # pull from every member, not only those this node's records name
-                for address in self.members():
+                for address in self._members():
                     if address != me and address not in digests:
                         peers[address], digests[address] = NodeInfo(0, address), _Digests()
             complete = True
             for address, digest in digests.items():
                 complete &= await self._sync_with(peers[address], digest, placement, report, pacer)
             await self._hand_off(misplaced, report, pacer)
-            if complete and self.ring.epoch == epoch:
+            if complete and self.ring.epoch == epoch and self._unsettled == unsettled:
                 self._synced_epoch = epoch
             return report
 

@@ -395,8 +395,9 @@ class Ring:
         """Merge with the ring of the process at ``address``, which this one declared failed: after a
         partition heals, each side is a ring of its own, and stabilization alone never brings them
         together. Each local vnode looks its own id up in that ring and takes the answer as its successor
-        if it lies closer than the current one; stabilization then interleaves the two rings. Returns
-        whether any successor changed. Raises :class:`PeerUnreachableError` if ``address`` does not
+        if it lies closer than the current one; stabilization then interleaves the two rings (the caller
+        runs :meth:`settle` when it is ready for the view to change). Returns whether any successor
+        changed. Raises :class:`PeerUnreachableError` if ``address`` does not
         answer, :class:`IncompatibleConfigError` if its ring's settings differ.
         """
         changed = False
@@ -415,7 +416,6 @@ class Ring:
         if changed:
             log.info("%s: merged with the ring of %s", self.info, address)
             self._changed()
-            await self.settle()
         return changed
 
     async def settle(self) -> int:

@@ -178,8 +178,7 @@ class Member:
             os.kill(self.process.pid, sig)
 
     def kill(self) -> None:
-        """kill -9, and reap."""
-        self.signal(signal.SIGCONT if self.paused else 0)
+        """kill -9 (a stopped process dies too), and reap."""
         if self.alive:
             assert self.process is not None
             self.process.kill()
@@ -547,57 +546,59 @@ def _random_member(cluster: Cluster, rng: random.Random) -> Member:
     return rng.choice(cluster.live())
 
 
-async def partition_one(cluster: Cluster, seconds: float, rng: random.Random) -> None:
-    """One node cut off from the rest for 40% of the run."""
+async def _window(cluster: Cluster, seconds: float, fault: Callable[[], None], until: float) -> None:
+    """Inject ``fault`` a fifth into the run, and heal everything at ``until`` (a fraction of the run)."""
     t0 = time.monotonic()
     await _at(0.2, seconds, t0)
-    alone = _random_member(cluster, rng)
-    cluster.partition([alone], [m for m in cluster.members if m is not alone])
-    await _at(0.6, seconds, t0)
+    fault()
+    await _at(until, seconds, t0)
     cluster.heal()
+
+
+def _shuffled(cluster: Cluster, rng: random.Random) -> list[Member]:
+    members = cluster.live()
+    rng.shuffle(members)
+    return members
+
+
+async def partition_one(cluster: Cluster, seconds: float, rng: random.Random) -> None:
+    """One node cut off from the rest for 40% of the run."""
+
+    def cut() -> None:
+        alone = _random_member(cluster, rng)
+        cluster.partition([alone], [m for m in cluster.members if m is not alone])
+
+    await _window(cluster, seconds, cut, 0.6)
 
 
 async def halves(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     """The ring split into a majority and a minority for 40% of the run."""
-    t0 = time.monotonic()
-    await _at(0.2, seconds, t0)
-    members = cluster.live()
-    rng.shuffle(members)
-    cut = len(members) // 2
-    cluster.partition(members[:cut], members[cut:])
-    await _at(0.6, seconds, t0)
-    cluster.heal()
+
+    def cut() -> None:
+        members = _shuffled(cluster, rng)
+        cluster.partition(members[: len(members) // 2], members[len(members) // 2 :])
+
+    await _window(cluster, seconds, cut, 0.6)
 
 
 async def bridge(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     """Two sides that cannot reach each other and one node that reaches both, for 40% of the run."""
-    t0 = time.monotonic()
-    await _at(0.2, seconds, t0)
-    members = cluster.live()
-    rng.shuffle(members)
-    middle, rest = members[0], members[1:]
-    cut = len(rest) // 2
-    cluster.bridge(rest[:cut], middle, rest[cut:])
-    await _at(0.6, seconds, t0)
-    cluster.heal()
+
+    def cut() -> None:
+        middle, *rest = _shuffled(cluster, rng)
+        cluster.bridge(rest[: len(rest) // 2], middle, rest[len(rest) // 2 :])
+
+    await _window(cluster, seconds, cut, 0.6)
 
 
 async def loss(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     """A fifth of the packets between nodes dropped for half the run."""
-    t0 = time.monotonic()
-    await _at(0.2, seconds, t0)
-    cluster.lose(20)
-    await _at(0.7, seconds, t0)
-    cluster.heal()
+    await _window(cluster, seconds, lambda: cluster.lose(20), 0.7)
 
 
 async def slow(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     """One node's outgoing link limited to 256 kbit/s (queueing delay) for half the run."""
-    t0 = time.monotonic()
-    await _at(0.2, seconds, t0)
-    _random_member(cluster, rng).host.shape("256kbit")
-    await _at(0.7, seconds, t0)
-    cluster.heal()
+    await _window(cluster, seconds, lambda: _random_member(cluster, rng).host.shape("256kbit"), 0.7)
 
 
 async def pause(cluster: Cluster, seconds: float, rng: random.Random) -> None:
