@@ -1,8 +1,9 @@
 """Consistency under faults, the short form of ``benchmarks/consistency.py``: real node processes, each in
 its own network namespace, clients recording every operation while a schedule injects faults, and the
-checker over the history. Every schedule here keeps a quorum of each key's replicas alive and together
-(the one cut off is a single node), so nothing acknowledged may be lost, no read may be stale and no
-delete undone.
+checker over the history. Every schedule here keeps a quorum of each key's replicas alive and
+reachable, so nothing acknowledged may be lost, no read may be stale and no delete undone. (Partitions
+run in the long form only: healing one is a change of membership whose window can still give a stale
+read, see docs/guarantees.md.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize(
     ("schedule", "storage", "replication"),
     [
-        ("partition-one", "memory", "successor"),
+        ("loss", "memory", "successor"),
         ("pause", "memory", "multi-ring"),
         ("kill-restart", "sqlite", "successor"),
         ("churn", "memory", "successor"),
