@@ -40,9 +40,8 @@ from balancer.errors import (
     RingError,
 )
 from balancer.failure import FailureDetector
-from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
-from balancer.types import Lookup, NodeInfo, RingView, format_id
+from balancer.types import Handler, Lookup, NodeInfo, Payload, RingView, format_id
 
 __all__ = ["Call", "Chord", "distinct"]
 

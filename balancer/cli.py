@@ -22,12 +22,13 @@ from typing import Any, TextIO
 import aiohttp
 import click
 import orjson
+import pluggy
 from click.core import ParameterSource
 
 from balancer.config import Config
-from balancer.errors import BalancerError
+from balancer.errors import BalancerError, PluginError
 from balancer.node import Node
-from balancer.plugin import plugin_manager
+from balancer.plugin import Registry, installed_plugins, plugin_manager
 from balancer.types import format_id
 
 __all__ = ["main"]
@@ -46,6 +47,31 @@ def _address(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 
 def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_address(ctx, param, value) or value for value in values)
+
+
+def _extra(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``--set PLUGIN.KEY=VALUE`` options as ``Config.extra``: ``{plugin: {key: value}}``."""
+    extra: dict[str, dict[str, str]] = {}
+    for value in values:
+        name, eq, setting = value.partition("=")
+        plugin, dot, key = name.strip().partition(".")
+        if not (eq and dot and plugin and key):
+            raise click.BadParameter(f"{value!r} is not PLUGIN.KEY=VALUE", ctx, param)
+        extra.setdefault(plugin, {})[key] = setting
+    return extra
+
+
+def _plugins(config: Config, disabled: Sequence[str]) -> pluggy.PluginManager:
+    """The plugin manager a node runs with; a usage error if ``config`` names a plugin that is missing."""
+    try:
+        pm = plugin_manager(load_entrypoints=config.load_entrypoints, disabled=disabled)
+    except BalancerError as exc:  # a broken plugin: one line naming it, never a traceback
+        raise click.ClickException(str(exc)) from exc
+    try:
+        Registry(pm).check(config)
+    except BalancerError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return pm
 
 
 def _seconds(flag: str, default: float, text: str, *, zero_ok: bool = False) -> Callable[..., Any]:
@@ -93,8 +119,16 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             1.0,
             "Shortest timeout of a call between nodes; each peer's follows its round-trips.",
         ),
-        click.option("--transport", default="stream", show_default=True, help="Transport plugin."),
-        click.option("--storage", help="Storage plugin (default: sqlite with --data-dir, else memory)."),
+        click.option(
+            "--transport",
+            default="stream",
+            show_default=True,
+            help="Transport: stream, aiohttp, or a plugin's (balancer plugins lists them).",
+        ),
+        click.option(
+            "--storage",
+            help="Storage: memory, sqlite, or a plugin's (default: sqlite with --data-dir, else memory).",
+        ),
         click.option(
             "--data-dir", type=click.Path(file_okay=False), help="Keep records on disk here (sqlite)."
         ),
@@ -135,10 +169,10 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--replication",
-            type=click.Choice(["successor", "multi-ring"]),
             default="successor",
             show_default=True,
-            help="Where replicas go: the successors, or N independent ring places.",
+            help="Where replicas go: successor, multi-ring (N independent places), groups (replication "
+            "groups), or a plugin's. A ring setting: every member must use the same.",
         ),
         _seconds("--anti-entropy-interval", 5.0, "Seconds between replica maintenance passes."),
         _seconds("--tombstone-grace", 86400.0, "Seconds a delete's tombstone is kept."),
@@ -217,6 +251,21 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points)."),
         click.option(
+            "--disable-plugin",
+            "disabled",
+            metavar="NAME",
+            multiple=True,
+            help="Do not load this third-party plugin (repeatable).",
+        ),
+        click.option(
+            "--set",
+            "extra",
+            metavar="PLUGIN.KEY=VALUE",
+            multiple=True,
+            callback=_extra,
+            help="A plugin's setting, passed to it in Config.extra (repeatable), e.g. --set groups.size=4.",
+        ),
+        click.option(
             "--loop",
             type=click.Choice(["auto", "asyncio", "uvloop"]),
             default="auto",
@@ -278,6 +327,7 @@ def _config(**opts: Any) -> Config:
             fsync=opts["fsync"],
             join_timeout=opts["join_timeout"],
             load_entrypoints=not opts["no_plugins"],
+            extra=opts["extra"],
         )
     except BalancerError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -305,9 +355,10 @@ def _secret(name: str, value: str | None, file: TextIO | None) -> str | None:
     return value or None
 
 
-async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone: bool) -> None:
+async def _run(
+    config: Config, pm: pluggy.PluginManager, join: Sequence[str], repl: bool, create_if_alone: bool
+) -> None:
     """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
-    pm = plugin_manager(load_entrypoints=config.load_entrypoints)
     node = Node(config, join=join, create_if_alone=create_if_alone, pm=pm)
 
     def waiting(seeds: list[str], attempt: int, attempts: int) -> None:
@@ -324,10 +375,11 @@ async def _run(config: Config, join: Sequence[str], repl: bool, create_if_alone:
         loop.add_signal_handler(sig, stop.set)
     try:
         if repl:
-            from balancer.plugins.repl import run_repl
-
+            session = pm.hook.balancer_repl(node=node, pm=pm, stop=stop)
+            if session is None:
+                raise PluginError("no plugin offers a REPL (the built-in one is balancer.plugins.repl)")
             _say("type help for the commands")
-            await run_repl(node, pm, stop=stop)
+            await session
         else:
             await stop.wait()
     finally:
@@ -351,11 +403,17 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 def _start(
-    config: Config, join: Sequence[str], repl: bool, create_if_alone: bool = False, loop: str = "auto"
+    config: Config,
+    join: Sequence[str],
+    repl: bool,
+    create_if_alone: bool = False,
+    loop: str = "auto",
+    disabled: Sequence[str] = (),
 ) -> None:
+    pm = _plugins(config, disabled)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-            runner.run(_run(config, join, repl, create_if_alone))
+            runner.run(_run(config, pm, join, repl, create_if_alone))
     except BalancerError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # the port is taken, the interface does not exist
@@ -378,14 +436,34 @@ def main(verbose: int) -> None:
 @click.option("--cli", "with_cli", is_flag=True, help="Open the REPL on this node.")
 def node(with_cli: bool, **opts: Any) -> None:
     """Run a ring node; with --cli, also the REPL. SIGINT/SIGTERM leave the ring gracefully."""
-    _start(_config(**opts), opts["join"], with_cli, create_if_alone=opts["ring"], loop=opts["loop"])
+    _start(_config(**opts), opts["join"], with_cli, opts["ring"], opts["loop"], opts["disabled"])
 
 
 @main.command()
 @_node_options
 def repl(**opts: Any) -> None:
     """Run a ring node with the REPL (as ``node --cli``)."""
-    _start(_config(**opts), opts["join"], True, create_if_alone=opts["ring"], loop=opts["loop"])
+    _start(_config(**opts), opts["join"], True, opts["ring"], opts["loop"], opts["disabled"])
+
+
+@main.command()
+@click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points).")
+@click.option("--disable-plugin", "disabled", metavar="NAME", multiple=True, help="Do not load this plugin.")
+def plugins(no_plugins: bool, disabled: tuple[str, ...]) -> None:
+    """List the installed plugins and the transports, storages and replication strategies on offer."""
+    try:
+        registry = Registry(plugin_manager(load_entrypoints=not no_plugins, disabled=disabled))
+    except BalancerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name, package in sorted(installed_plugins().items()):
+        state = "not loaded" if no_plugins or name in disabled else "loaded"
+        click.echo(f"plugin {name} ({package}): {state}")
+    for kind, named in (
+        ("transports", registry.transports),
+        ("storages", registry.storages),
+        ("replication", registry.replications),
+    ):
+        click.echo(f"{kind}: {', '.join(sorted(named.factories))}")
 
 
 async def _fetch_status(
@@ -433,7 +511,7 @@ def status(
 ) -> None:
     """Print the view of the node at ADDRESS (HOST:PORT) as a table; with --ring, every member of its
     ring (state, vnodes, weight, records, share of the keys), as the node surveys it now."""
-    from balancer.plugins.repl import format_members, format_status
+    from balancer.repl import format_members, format_status
 
     token = _secret("api_token", api_token, api_token_file)
     path = "/ring" if whole_ring else "/status"

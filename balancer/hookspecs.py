@@ -16,14 +16,16 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import pluggy
 
 from balancer.keyspace import KeySpace
-from balancer.types import Member, NodeInfo, Record
+from balancer.types import Handler, Member, NodeInfo, Payload, Record, RingView
 
 if TYPE_CHECKING:
+    import asyncio
+
     import click
 
     from balancer.config import Config
@@ -31,8 +33,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handler",
+    "Payload",
+    "Placement",
     "PublicApi",
     "ReplicationStrategy",
+    "RingMember",
     "Route",
     "Storage",
     "StorageFactory",
@@ -46,10 +51,6 @@ hookspec = pluggy.HookspecMarker("balancer")
 """Marks a function in this module as a hook specification."""
 hookimpl = pluggy.HookimplMarker("balancer")
 """Marks a plugin's function as the implementation of a hook."""
-
-Payload = dict[str, Any]
-Handler = Callable[[Payload], Awaitable[Payload]]
-"""An RPC handler: JSON-safe payload in, JSON-safe result out, or a BalancerError raised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,51 @@ class PublicApi(ABC):
         from balancer.errors import UnknownMethodError
 
         raise UnknownMethodError("this server is not a ring member")
+
+
+@runtime_checkable
+class RingMember(Protocol):
+    """A running ring member as plugins that drive one see it (the REPL, say); a
+    :class:`~balancer.node.Node` is one. Keys are text or bytes; values are bytes."""
+
+    @property
+    def address(self) -> str:
+        """The ``host:port`` this member serves on."""
+
+    @property
+    def space(self) -> KeySpace:
+        """The ring's identifier space."""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the member has left the ring or closed."""
+
+    async def get(self, key: str | bytes) -> bytes:
+        """The value of ``key``; raises :class:`~balancer.errors.KeyNotFoundError`."""
+
+    async def put(self, key: str | bytes, value: bytes) -> None:
+        """Store ``value`` under ``key`` on the ring (acknowledged by the write quorum)."""
+
+    async def delete(self, key: str | bytes) -> None:
+        """Delete ``key``; raises :class:`~balancer.errors.KeyNotFoundError` if it has no live value."""
+
+    async def status(self) -> Payload:
+        """This member's view (``GET /status``), as JSON-safe data."""
+
+    async def ring_view(self) -> Payload:
+        """Every member of the ring (``GET /ring``), as JSON-safe data."""
+
+    async def local_records(self) -> list[Record]:
+        """The records this process stores itself (tombstones included)."""
+
+    def view(self) -> RingView:
+        """The routing state of this member's first vnode: predecessor, successors, fingers."""
+
+    def members(self) -> tuple[Member, ...]:
+        """Every process of the ring as this member knows it."""
+
+    async def leave(self) -> None:
+        """Hand this member's keys off and leave the ring gracefully."""
 
 
 class Transport(ABC):
@@ -176,16 +222,72 @@ class Storage(ABC):
         await self.close()
 
 
-class ReplicationStrategy(ABC):
-    """Maps a key to the ring ids whose successors hold its replicas."""
+class Placement(ABC):
+    """What a replication strategy sees of the ring while it places keys: lookups and the members.
+
+    One object serves a whole batch of placements (a maintenance pass, or one client operation), and
+    caches lookup answers, so asking for the same ids again costs nothing.
+    """
+
+    space: KeySpace
+    """The ring's identifier space: ``space.id(key, salt=i)`` hashes a key onto the ring."""
 
     @abstractmethod
-    def positions(self, key: bytes, replicas: int, space: KeySpace) -> list[int]:
-        """Ring ids for ``key``'s replicas, most preferred first.
+    async def successors(self, ident: int) -> tuple[NodeInfo, ...]:
+        """The vnode that owns ``ident`` and the vnodes after it, as its successor list has them (live
+        vnodes only, several of one process possible). Raises a :class:`~balancer.errors.RingError` if
+        the lookup fails."""
 
-        If it returns fewer than ``replicas`` ids, the remaining replicas are the next distinct nodes in
-        the successor list of the last id's owner.
+    @abstractmethod
+    def members(self) -> tuple[Member, ...]:
+        """Every process of the ring as this node knows it (itself included, sorted by address), with
+        its vnode ids and state; see :meth:`balancer.node.Node.members`."""
+
+
+class ReplicationStrategy:
+    """Chooses the processes that hold a key's replicas, and the ones that stand in when they fail.
+
+    A simple strategy overrides :meth:`positions` (ring ids; their owners hold the replicas); one that
+    must see the ring (groups of processes, racks, every other successor) overrides :meth:`place`.
+    Strategies are ring settings: a node whose strategy name or :meth:`settings` differ from the ring's
+    is refused at join.
+    """
+
+    def positions(self, key: bytes, replicas: int, space: KeySpace) -> list[int]:
+        """Ring ids for ``key``'s replicas, most preferred first (the key's own id by default).
+
+        If it returns fewer than ``replicas`` ids, the remaining replicas are the next distinct processes
+        in the successor list of the last id's owner.
         """
+        return [space.id(key)]
+
+    async def place(self, key: bytes, replicas: int, ring: Placement) -> list[NodeInfo]:
+        """``key``'s replicas then its stand-ins, most preferred first (vnodes; a process counts once, at
+        its first appearance).
+
+        The first ``replicas`` distinct processes are the replica set: writes wait for W of them and
+        reads ask R of them. The ones after stand in for replicas that fail (they keep a copy but never
+        count towards a quorum), and a read that finds the ring changing asks them too. Return the same
+        answer for the same ring on every node, or quorums will not overlap.
+
+        The default puts replica ``i`` on the owner of ``positions()[i]`` (the next process of that
+        owner's successor list if the owner is taken), fills up from the last owner's successor list,
+        and lists the rest of that list as stand-ins.
+        """
+        chosen: list[NodeInfo] = []
+        taken: set[str] = set()
+        after: tuple[NodeInfo, ...] = ()
+        for position in self.positions(key, replicas, ring.space):
+            after = await ring.successors(position)
+            node = next((n for n in after if n.address not in taken), None)
+            if node is not None:
+                chosen.append(node)
+                taken.add(node.address)
+        return chosen + [n for n in after if n.address not in taken]
+
+    def settings(self) -> dict[str, int | str]:
+        """This strategy's parameters that every member of a ring must share (none by default)."""
+        return {}
 
 
 TransportFactory = Callable[["Config"], Transport]
@@ -222,13 +324,28 @@ def balancer_register_replications(register: Callable[[str, ReplicationFactory],
     """
 
 
+@hookspec(firstresult=True)
+def balancer_repl(node: RingMember, pm: pluggy.PluginManager, stop: asyncio.Event) -> Awaitable[None] | None:
+    """Return the interactive session to run on ``node`` (``balancer repl``, ``node --cli``), or ``None``
+    to leave it to another plugin; the first answer wins, and the built-in click REPL answers last.
+
+    The session (a coroutine, not started yet) reads commands until the user ends it or ``stop`` is set,
+    and leaves the ring at the end unless a command already did. It gathers its commands with
+    ``pm.hook.balancer_repl_commands``.
+
+    :param node: the running member the session works on.
+    :param pm: the plugin manager the node runs with.
+    :param stop: set when the process is asked to stop (SIGINT, SIGTERM).
+    """
+
+
 @hookspec
 def balancer_repl_commands(cli: click.Group) -> None:
     """Add commands to the interactive REPL.
 
     Called once when a REPL starts. A command's callback finds the REPL session (``.node``, the running
     :class:`~balancer.node.Node`, and ``.say(text)`` to answer) in ``click.get_current_context().obj``.
-    An ``async`` command is awaited by the REPL; decorate it with ``balancer.plugins.repl.pass_session``
+    An ``async`` command is awaited by the REPL; decorate it with ``balancer.repl.pass_session``
     to receive the session as its first argument (click's context is gone by the time it runs).
 
     :param cli: the REPL's command group; add commands with ``cli.add_command`` or ``@cli.command``.
@@ -273,9 +390,23 @@ def balancer_membership_changed(node: NodeInfo, members: tuple[Member, ...]) -> 
 
 
 @hookspec
-def balancer_kv_operation(node: NodeInfo, operation: str, seconds: float, ok: bool) -> None:
-    """``node`` served a client's ``get``, ``put`` or ``delete`` in ``seconds``; ``ok`` is false when
-    it raised (a missing key included). Called once per operation: keep it cheap.
+def balancer_kv_operation(
+    node: NodeInfo, operation: str, seconds: float, ok: bool, outcome: str, key_id: int
+) -> None:
+    """``node`` coordinated a client's ``get``, ``put`` or ``delete``, which took ``seconds``.
+
+    Called once per operation, on the node's event loop: keep it cheap. A hookimpl may take any subset
+    of the arguments.
+
+    :param node: the node that served the operation (its coordinator: it asked the replicas).
+    :param operation: ``"get"``, ``"put"`` or ``"delete"``.
+    :param seconds: how long the operation took.
+    :param ok: whether it succeeded (``outcome == "ok"``).
+    :param outcome: ``"ok"``; ``"not_found"`` (no live value); ``"quorum"`` (fewer replicas answered
+        than the quorum); ``"refused"`` (this node refused: it sees no majority of the ring, or is
+        leaving); ``"invalid"`` (a malformed or oversize key or value); ``"error"`` (anything else).
+    :param key_id: the key's id on the ring (a hash of the key), never the key itself, so plugins can
+        count hot keys without seeing what is stored.
     """
 
 

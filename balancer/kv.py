@@ -55,10 +55,10 @@ from balancer.errors import (
     RingError,
     TooLargeError,
 )
-from balancer.hookspecs import Handler, Payload, ReplicationStrategy, Storage
+from balancer.hookspecs import Placement, ReplicationStrategy, Storage
 from balancer.keyspace import in_interval
 from balancer.ring import Ring
-from balancer.types import NodeInfo, Record, Version
+from balancer.types import Handler, Member, NodeInfo, Payload, Record, Version
 
 __all__ = ["BUCKET_BITS", "SLICE_SECONDS", "HybridClock", "KVService", "Maintenance"]
 
@@ -201,15 +201,19 @@ SET_TTL = 1.0
 """Seconds a client key's replica set is reused while the ring shows no change (see ``replica_set``)."""
 SET_CACHE = 1 << 14
 """Client keys whose replica sets are remembered at most; the memory is dropped whole when full."""
+MAX_CANDIDATES = 64
+"""Most processes a strategy's placement may name (replicas and stand-ins together)."""
 
 
-class _Placement:
+class _Placement(Placement):
     """Lookup answers cached for one pass: after ``find_successor(p)`` returns owner ``o``, every id in
     ``[p, o]`` has owner ``o``, so a pass costs about one lookup per node instead of one per record.
     """
 
-    def __init__(self, ring: Ring) -> None:
+    def __init__(self, ring: Ring, members: Callable[[], tuple[Member, ...]]) -> None:
         self.ring = ring
+        self.space = ring.space
+        self._members = members
         self.ends: list[int] = []  # owners' ids, sorted; each with the widest range seen ending there
         self.known: dict[int, tuple[int, tuple[NodeInfo, ...]]] = {}
 
@@ -230,6 +234,9 @@ class _Placement:
             self.known[end] = (ident, nodes)  # reaches further back than the range known so far
         return nodes
 
+    def members(self) -> tuple[Member, ...]:
+        return self._members()
+
 
 class KVService:
     """Key-value operations for one process, on top of its :class:`~balancer.ring.Ring` (the vnodes'
@@ -248,7 +255,7 @@ class KVService:
         config: Config,
         emit: Callable[..., None] | None = None,
         *,
-        members: Callable[[], Iterable[str]] | None = None,
+        members: Callable[[], tuple[Member, ...]] | None = None,
         trusted: Callable[[], bool] | None = None,
     ) -> None:
         self.ring = ring
@@ -276,12 +283,17 @@ class KVService:
         self._placed_epoch: int | None = None  # the ring epoch the last pass's digests were made at
         self._unsettled = 0  # calls of unsettle(): a pass under way during one does not settle the node
         self._trusted = trusted or (lambda: True)  # the node's: not while cut off, or merging rings
-        self._members = members or ring.pointed  # processes known up: an unsettled node syncs with all
+        self._members = members or self._pointed  # the ring's processes, for strategies and syncing
         # replica sets of recent client keys: (ring epoch, good until, replicas, fallbacks)
         self._sets: dict[bytes, tuple[float, list[NodeInfo], list[NodeInfo]]] = {}
         self._sets_epoch = 0
         self._writers: dict[str, Batcher[Record, Stored]] = {}
         self._maintaining = asyncio.Lock()
+
+    def _pointed(self) -> tuple[Member, ...]:
+        """The members a ring without a node knows: itself and the processes its vnodes point to."""
+        me = Member(self.ring.address, tuple(sorted(v.info.id for v in self.ring.vnodes)))
+        return tuple(sorted([me, *(Member(a) for a in self.ring.pointed())], key=lambda m: m.address))
 
     # -- keys and values --------------------------------------------------------------------------
 
@@ -366,7 +378,7 @@ class KVService:
             cached = self._sets.get(key)
             if cached is not None and cached[0] > now:
                 return cached[1], cached[2]
-            replicas, fallbacks = await self._replica_set(key, _Placement(self.ring))
+            replicas, fallbacks = await self._replica_set(key, _Placement(self.ring, self._members))
             if self.ring.epoch == epoch:  # a change during the lookup: its answer is not kept
                 if len(self._sets) >= SET_CACHE:
                     self._sets.clear()
@@ -375,24 +387,8 @@ class KVService:
         return await self._replica_set(key, placement)
 
     async def _replica_set(self, key: bytes, placement: _Placement) -> tuple[list[NodeInfo], list[NodeInfo]]:
-        wanted = self.config.replicas
-        replicas: list[NodeInfo] = []
-        taken: set[str] = set()  # processes chosen: one never counts twice
-        after: tuple[NodeInfo, ...] = ()
-        for position in self.strategy.positions(key, wanted, self.ring.space):
-            after = await placement.successors(position)
-            chosen = next((n for n in after if n.address not in taken), None)
-            if chosen is not None:
-                replicas.append(chosen)
-                taken.add(chosen.address)
-        for node in after:
-            if len(replicas) >= wanted:
-                break
-            if node.address not in taken:
-                replicas.append(node)
-                taken.add(node.address)
-        fallbacks = [n for n in distinct(after, len(after)) if n.address not in taken]
-        return replicas[:wanted], fallbacks
+        candidates = distinct(await self.strategy.place(key, self.config.replicas, placement), MAX_CANDIDATES)
+        return candidates[: self.config.replicas], candidates[self.config.replicas :]
 
     async def read(self, key: bytes) -> Record | None:
         """The newest record R replicas hold for ``key`` (tombstones included), or ``None``.
@@ -736,7 +732,7 @@ class KVService:
         async with self._maintaining:
             report = Maintenance()
             epoch, settled, unsettled = self.ring.epoch, self.settled, self._unsettled
-            placement = _Placement(self.ring)
+            placement = _Placement(self.ring, self._members)
             pacer = _Pacer(self.slice)
             me = self.ring.address
             grace = self.config.tombstone_grace
@@ -773,7 +769,7 @@ class KVService:
             report.collected = await self._collect(expired, placement, pacer)
             self._digests, self._placement, self._placed_epoch = digests, placement, epoch
             if not settled:  # pull from every member, not only those this node's records name
-                for address in self._members():
+                for address in (m.address for m in self._members() if m.state == "up"):
                     if address != me and address not in digests:
                         peers[address], digests[address] = NodeInfo(0, address), _Digests()
             complete = True
@@ -917,7 +913,7 @@ class KVService:
         whose replica set cannot be looked up go to ``successors`` instead (dropped once one confirmed).
         """
         me = self.ring.address
-        placement = _Placement(self.ring)
+        placement = _Placement(self.ring, self._members)
         pacer = _Pacer(self.slice)
         by_heirs: dict[tuple[NodeInfo, ...], list[Record]] = {}
         async for batch in self.storage.scan(batch=self.config.handoff_batch):

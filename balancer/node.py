@@ -31,14 +31,19 @@ from balancer.chord import Call, Chord
 from balancer.config import PROTOCOL_VERSION, Config
 from balancer.errors import (
     BadAnswerError,
+    BadRequestError,
     BalancerError,
     ConfigError,
     CutOffError,
+    GoneError,
     IncompatibleConfigError,
+    KeyNotFoundError,
     PeerUnreachableError,
+    QuorumError,
     RemoteError,
     RingError,
     StaleRequestError,
+    TooLargeError,
     UnauthorizedError,
     UnknownMethodError,
 )
@@ -189,7 +194,7 @@ class Node(PublicApi):
             space=self.space,
             successors=self.config.successors,
             timeout=self.config.rpc_timeout,
-            settings=self.config.ring_settings(),
+            settings=self.ring_settings(),
             detector=self.detector,
             on_event=self._on_ring_event,
             weight=self.config.weight,
@@ -205,7 +210,7 @@ class Node(PublicApi):
             self._call,
             self.config,
             self._emit,
-            members=lambda: [m.address for m in self._members if m.state == "up"],
+            members=lambda: self._members,
             trusted=self._trusted,
         )
         self._handlers.update(ring.handlers())
@@ -473,26 +478,34 @@ class Node(PublicApi):
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError`, and
         :class:`~balancer.errors.CutOffError` if this node sees no majority of the ring."""
-        self._check_majority()
         if not self._observing:  # the common case: no plugin listens, so no timing
+            self._check_majority()
             return await self.kv.get(key)
-        with self._observed("get"):
+        with self._observed("get", key):
+            self._check_majority()
             return await self.kv.get(key)
 
     async def put(self, key: str | bytes, value: bytes) -> None:
         """Store ``value`` under ``key`` on the ring."""
-        self._check_majority()
         if not self._observing:
+            self._check_majority()
             await self.kv.put(key, value)
             return
-        with self._observed("put"):
+        with self._observed("put", key):
+            self._check_majority()
             await self.kv.put(key, value)
 
     async def delete(self, key: str | bytes) -> None:
         """Delete ``key`` from the ring; raises :class:`~balancer.errors.KeyNotFoundError` if absent."""
-        self._check_majority()
-        with self._observed("delete"):
+        with self._observed("delete", key):
+            self._check_majority()
             await self.kv.delete(key)
+
+    def ring_settings(self) -> dict[str, int | str]:
+        """The settings every member of this node's ring must share (:meth:`Config.ring_settings`), with
+        the replication strategy's own (:meth:`ReplicationStrategy.settings`, as ``<name>.<setting>``)."""
+        own = {f"{self.config.replication}.{k}": v for k, v in self.strategy.settings().items()}
+        return {**self.config.ring_settings(), **own}
 
     def members(self) -> tuple[Member, ...]:
         """The processes of the ring as this node knows them now, sorted by address (itself included).
@@ -622,25 +635,35 @@ class Node(PublicApi):
             "records": await self.storage.count(),
             "vnodes": len(self.ring.vnodes),
             "weight": self.config.weight,
-            "settings": self.config.ring_settings(),
+            "settings": self.ring_settings(),
             "settled": self.kv.settled,
         }
 
     # -- internals --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _observed(self, operation: str) -> Iterator[None]:
+    def _observed(self, operation: str, key: str | bytes) -> Iterator[None]:
         """Report the operation's duration and outcome to the ``balancer_kv_operation`` hook."""
         if not self._observing:
             yield
             return
-        started, ok = time.perf_counter(), False
+        started, outcome = time.perf_counter(), "error"
         try:
             yield
-            ok = True
+            outcome = "ok"
+        except BalancerError as exc:
+            outcome = _outcome(exc)
+            raise
         finally:
-            seconds = time.perf_counter() - started
-            self._emit("kv_operation", node=self.chord.info, operation=operation, seconds=seconds, ok=ok)
+            self._emit(
+                "kv_operation",
+                node=self.chord.info,
+                operation=operation,
+                seconds=time.perf_counter() - started,
+                ok=outcome == "ok",
+                outcome=outcome,
+                key_id=self.space.id(key.encode() if isinstance(key, str) else key),
+            )
 
     async def _rpc_status(self, payload: Payload) -> Payload:
         return await self.status()
@@ -802,3 +825,16 @@ class Node(PublicApi):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _outcome(exc: BalancerError) -> str:
+    """The ``balancer_kv_operation`` outcome of an operation that raised ``exc``."""
+    if isinstance(exc, KeyNotFoundError):
+        return "not_found"
+    if isinstance(exc, CutOffError | GoneError):
+        return "refused"
+    if isinstance(exc, QuorumError):
+        return "quorum"
+    if isinstance(exc, BadRequestError | TooLargeError):
+        return "invalid"
+    return "error"

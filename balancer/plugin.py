@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -14,7 +16,7 @@ from balancer.config import Config
 from balancer.errors import PluginError
 from balancer.hookspecs import ReplicationStrategy, Storage, Transport
 
-__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "Registry", "plugin_manager"]
+__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "Registry", "installed_plugins", "plugin_manager"]
 
 ENTRY_POINT_GROUP = "balancer"
 """Third-party packages register plugins under this entry-point group."""
@@ -33,25 +35,83 @@ DEFAULT_PLUGINS = (
 T = TypeVar("T")
 
 
-def plugin_manager(*, load_entrypoints: bool = True, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+def plugin_manager(
+    *, load_entrypoints: bool = True, plugins: Iterable[object] = (), disabled: Iterable[str] = ()
+) -> pluggy.PluginManager:
     """A new plugin manager with balancer's hooks, the built-in plugins, ``plugins``, and (optionally)
-    the entry-point plugins.
+    the entry-point plugins except those named in ``disabled``.
 
-    Raises :class:`PluginError` naming the plugin if one implements a hook that does not exist.
+    Raises :class:`PluginError`, with a one-line message naming the plugin, if one fails to import,
+    implements a hook that does not exist or with the wrong arguments, or implements one with
+    ``async def`` (hooks are called synchronously: an async one would never run).
     """
     pm = pluggy.PluginManager("balancer")
     pm.add_hookspecs(hookspecs)
     for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
+        _register(pm, importlib.import_module(name), name)
     for plugin in plugins:
-        pm.register(plugin)
+        _register(pm, plugin, None)
     if load_entrypoints:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _load_entrypoints(pm, set(disabled))
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(str(exc), plugin=exc.plugin) from exc
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {_line(exc)}", plugin=exc.plugin) from exc
     return pm
+
+
+def installed_plugins() -> dict[str, str]:
+    """The entry-point plugins installed in this environment: name -> the package that provides it."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep.dist.name if ep.dist is not None else ep.value for ep in found}
+
+
+def _load_entrypoints(pm: pluggy.PluginManager, disabled: set[str]) -> None:
+    installed = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    unknown = disabled - {ep.name for ep in installed}
+    if unknown:
+        known = ", ".join(sorted(installed_plugins())) or "none"
+        raise PluginError(f"no installed plugin named {', '.join(sorted(unknown))}; installed: {known}")
+    for ep in installed:
+        if ep.name in disabled or pm.get_plugin(ep.name) is not None:
+            continue
+        package = ep.dist.name if ep.dist is not None else ep.value
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # any error of a third party's import is reported alike
+            raise PluginError(
+                f"plugin {ep.name!r} (package {package}) failed to load: {type(exc).__name__}: {_line(exc)}"
+                f"; start without it: --disable-plugin {ep.name} (or --no-plugins)",
+                plugin=ep.name,
+            ) from exc
+        _register(pm, plugin, ep.name, package)
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None, package: str | None = None) -> None:
+    """Register ``plugin``, refusing hooks that do not match their specification or are async."""
+    label = repr(name or getattr(plugin, "__name__", None) or type(plugin).__name__)
+    if package:
+        label += f" (package {package})"
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {label}: {_line(exc)}", plugin=plugin) from exc
+    for caller in pm.get_hookcallers(plugin) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and (
+                inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function)
+            ):
+                pm.unregister(plugin)
+                raise PluginError(
+                    f"plugin {label}: hook {caller.name} is async def, but hooks are called synchronously "
+                    "(it would never run); make it a plain def that starts its work elsewhere",
+                    plugin=plugin,
+                )
+
+
+def _line(exc: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass
@@ -63,13 +123,19 @@ class _Named(Generic[T]):
         # Built-ins register last (trylast), so the first registration of a name is the user's and wins.
         self.factories.setdefault(name, factory)
 
-    def create(self, name: str, config: Config) -> T:
-        try:
-            factory = self.factories[name]
-        except KeyError:
+    def check(self, name: str) -> None:
+        if name not in self.factories:
             known = ", ".join(sorted(self.factories)) or "none"
-            raise PluginError(f"no {self.kind} named {name!r}; available: {known}") from None
-        return factory(config)
+            raise PluginError(f"no {self.kind} named {name!r}; available: {known}")
+
+    def create(self, name: str, config: Config) -> T:
+        self.check(name)
+        made = self.factories[name](config)
+        if inspect.isawaitable(made):  # an async factory: its object would never exist
+            if inspect.iscoroutine(made):
+                made.close()
+            raise PluginError(f"the {self.kind} factory {name!r} is async; it must return the object itself")
+        return made
 
 
 class Registry:
@@ -95,6 +161,14 @@ class Registry:
     def replication(self, config: Config) -> ReplicationStrategy:
         """The strategy ``config.replication`` names; :class:`PluginError` if none is."""
         return self.replications.create(config.replication, config)
+
+    def check(self, config: Config) -> None:
+        """Raise :class:`PluginError` if a plugin ``config`` names is not registered (listing those that
+        are), or a :class:`~balancer.errors.ConfigError` if the replication strategy refuses its settings.
+        """
+        self.transports.check(config.transport)
+        self.storages.check(config.storage)
+        self.replication(config)
 
     def emit(self, event: str, **kwargs: Any) -> None:
         """Call the event hook ``balancer_<event>`` with ``kwargs``."""

@@ -37,9 +37,8 @@ from balancer.batching import Batcher
 from balancer.chord import Call, Chord, distinct
 from balancer.errors import BalancerError, GoneError, IncompatibleConfigError
 from balancer.failure import FailureDetector
-from balancer.hookspecs import Handler, Payload
 from balancer.keyspace import KeySpace, in_interval
-from balancer.types import Lookup, NodeInfo, format_id
+from balancer.types import Handler, Lookup, NodeInfo, Payload, format_id
 
 __all__ = ["BATCHED", "NEIGHBOURS_PER_ROUND", "Ring"]
 

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 from balancer import wire
 from balancer.errors import BalancerError, PeerUnreachableError
 from balancer.failure import FailureDetector
-from balancer.hookspecs import Payload
 from balancer.keyspace import KeySpace
-from balancer.types import Member, NodeInfo, format_id
+from balancer.types import Member, NodeInfo, Payload, format_id
 from balancer.vnodes import ownership
 
 if TYPE_CHECKING:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Lookup", "Member", "NodeInfo", "Record", "RingView", "Version", "format_id"]
+__all__ = ["Handler", "Lookup", "Member", "NodeInfo", "Payload", "Record", "RingView", "Version", "format_id"]
+
+Payload = dict[str, Any]
+"""An RPC's body or answer: JSON-safe data (the transport encodes it; :mod:`balancer.wire` validates it)."""
+Handler = Callable[[Payload], Awaitable[Payload]]
+"""An RPC handler: JSON-safe payload in, JSON-safe result out, or a BalancerError raised."""
 
 
 def format_id(ident: int, bits: int = 64) -> str:

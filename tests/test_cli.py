@@ -48,8 +48,19 @@ def test_bad_settings_are_usage_errors() -> None:
     assert inconsistent.exit_code == 2
     assert "write_quorum must be in [1, replicas=3]" in inconsistent.output
     unknown = CliRunner().invoke(main, ["node", "--ring", "--storage", "cassandra", "--no-plugins"])
-    assert unknown.exit_code == 1
+    assert unknown.exit_code == 2
     assert "no storage named 'cassandra'; available: memory, sqlite" in unknown.output
+    strategy = CliRunner().invoke(main, ["node", "--ring", "--replication", "rack", "--no-plugins"])
+    assert strategy.exit_code == 2
+    assert "no replication strategy named 'rack'; available: groups, multi-ring, successor" in strategy.output
+    setting = CliRunner().invoke(
+        main, ["node", "--ring", "--replication", "groups", "--set", "groups.size=x", "--no-plugins"]
+    )
+    assert setting.exit_code == 2
+    assert "groups.size must be a whole number, got 'x'" in setting.output
+    malformed = CliRunner().invoke(main, ["node", "--ring", "--set", "size=4"])
+    assert malformed.exit_code == 2
+    assert "'size=4' is not PLUGIN.KEY=VALUE" in malformed.output
 
 
 def test_unreachable_peers_are_clean_errors() -> None:

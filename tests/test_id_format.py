@@ -11,7 +11,7 @@ from helpers import QUIET, SOLO, converge
 from balancer.config import Config
 from balancer.node import Node
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
-from balancer.plugins.repl import format_ring, format_status
+from balancer.repl import format_ring, format_status
 from balancer.types import NodeInfo, format_id
 
 

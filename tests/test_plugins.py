@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from helpers import SOLO, addresses, converge
 
 from balancer import hookspecs
 from balancer.config import Config
-from balancer.errors import KeyNotFoundError, PeerUnreachableError, PluginError
+from balancer.errors import KeyNotFoundError, PeerUnreachableError, PluginError, TooLargeError
 from balancer.hookspecs import (
     ReplicationFactory,
     ReplicationStrategy,
@@ -37,7 +40,7 @@ def test_builtin_plugins_are_registered_by_name(pm: pluggy.PluginManager) -> Non
     registry = Registry(pm)
     assert set(registry.transports.factories) == {"aiohttp", "local", "stream"}
     assert set(registry.storages.factories) == {"memory", "sqlite"}
-    assert set(registry.replications.factories) == {"successor", "multi-ring"}
+    assert set(registry.replications.factories) == {"successor", "multi-ring", "groups"}
     assert isinstance(registry.storage(Config()), MemoryStorage)
     assert isinstance(registry.transport(Config(transport="local")), LocalTransport)
 
@@ -48,7 +51,7 @@ def test_unknown_names_list_what_exists(pm: pluggy.PluginManager) -> None:
         registry.storage(Config(storage="redis"))
     with pytest.raises(PluginError, match=r"available: aiohttp, local"):
         registry.transport(Config(transport="grpc"))
-    with pytest.raises(PluginError, match=r"multi-ring, successor"):
+    with pytest.raises(PluginError, match=r"groups, multi-ring, successor"):
         registry.replication(Config(replication="ring-of-rings"))
 
 
@@ -208,6 +211,7 @@ def test_every_hook_has_a_test() -> None:
 
 async def test_plugins_add_http_routes_and_see_every_kv_operation() -> None:
     operations: list[tuple[str, bool]] = []
+    outcomes: list[tuple[str, str, int, str]] = []
 
     class Metrics:
         @hookimpl
@@ -223,18 +227,34 @@ async def test_plugins_add_http_routes_and_see_every_kv_operation() -> None:
             assert seconds >= 0
             operations.append((operation, ok))
 
-    pm = plugin_manager(load_entrypoints=False, plugins=[Metrics()])
+    class Outcomes:  # the newer arguments: a hookimpl takes the subset it wants
+        @hookimpl
+        def balancer_kv_operation(self, node: NodeInfo, operation: str, outcome: str, key_id: int) -> None:
+            outcomes.append((operation, outcome, key_id, node.address))
+
+    pm = plugin_manager(load_entrypoints=False, plugins=[Metrics(), Outcomes()])
     async with Node(Config(load_entrypoints=False, **SOLO), pm=pm) as node:
         await node.put("a", b"1")
         assert await node.get("a") == b"1"
         with pytest.raises(KeyNotFoundError):
             await node.get("missing")
         await node.delete("a")
+        with pytest.raises(TooLargeError):
+            await node.put("k" * 2000, b"1")
+        coordinator = node.address
+        space = node.space
         async with aiohttp.ClientSession() as http, http.get(f"http://{node.address}/metrics") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             assert await resp.text() == "records 1\n"  # the tombstone of "a"
-    assert operations == [("put", True), ("get", True), ("get", False), ("delete", True)]
+    assert operations == [("put", True), ("get", True), ("get", False), ("delete", True), ("put", False)]
+    assert outcomes == [
+        ("put", "ok", space.id(b"a"), coordinator),
+        ("get", "ok", space.id(b"a"), coordinator),
+        ("get", "not_found", space.id(b"missing"), coordinator),
+        ("delete", "ok", space.id(b"a"), coordinator),
+        ("put", "invalid", space.id(b"k" * 2000), coordinator),
+    ]
 
 
 async def test_seeds_are_tried_in_order_and_a_lone_first_node_can_create(network: LocalNetwork) -> None:
@@ -255,3 +275,120 @@ async def test_seeds_are_tried_in_order_and_a_lone_first_node_can_create(network
         ) as new:
             assert new.bootstrap is None
             assert addresses(new.view().successors) == {new.address}
+
+
+def test_an_async_hook_is_refused_naming_the_plugin_and_the_hook() -> None:
+    class Eager:
+        @hookimpl
+        async def balancer_node_joined(self, node: object, peer: object) -> None:
+            raise AssertionError("never called")
+
+    with pytest.raises(PluginError, match=r"plugin 'Eager': hook balancer_node_joined is async def"):
+        plugin_manager(load_entrypoints=False, plugins=[Eager()])
+
+
+def test_an_async_factory_is_refused_by_name() -> None:
+    class Deferred:
+        @hookimpl
+        def balancer_register_storages(self, register: Callable[[str, StorageFactory], None]) -> None:
+            async def make(config: Config) -> Storage:
+                raise AssertionError("never awaited")
+
+            register("later", make)  # type: ignore[arg-type]
+
+    registry = Registry(plugin_manager(load_entrypoints=False, plugins=[Deferred()]))
+    with pytest.raises(PluginError, match="storage factory 'later' is async"):
+        registry.storage(Config(storage="later"))
+
+
+@pytest.fixture
+def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An installed distribution whose ``balancer`` entry point fails to import."""
+    (tmp_path / "broken_plugin.py").write_text("raise ImportError('needs libfoo, which is missing')\n")
+    info = tmp_path / "broken_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[balancer]\nbroken = broken_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_plugin_that_fails_to_import_is_named_and_can_be_left_out(broken_plugin: Path) -> None:
+    with pytest.raises(PluginError) as info:
+        plugin_manager()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo"
+    )
+    assert "--disable-plugin broken" in message
+    assert plugin_manager(disabled=["broken"]).get_plugin("broken") is None
+    assert plugin_manager(load_entrypoints=False).get_plugin("broken") is None
+    with pytest.raises(PluginError, match=r"no installed plugin named nope; installed: .*broken"):
+        plugin_manager(disabled=["nope"])
+
+
+def test_the_cli_names_a_broken_plugin_in_one_line(broken_plugin: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(broken_plugin)}
+    balancer = [sys.executable, "-m", "balancer"]
+    failed = subprocess.run(
+        [*balancer, "node", "--ring"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "Error: plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo, which "
+        "is missing; start without it: --disable-plugin broken (or --no-plugins)"
+    ]
+    listed = subprocess.run(
+        [*balancer, "plugins", "--disable-plugin", "broken"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "plugin broken (broken-plugin): not loaded" in listed.stdout
+    assert "replication: groups, multi-ring, successor" in listed.stdout
+
+
+def test_the_core_loads_without_the_plugin_system_or_the_repl() -> None:
+    probe = (
+        "import sys\n"
+        "import balancer.ring, balancer.chord\n"
+        "assert 'pluggy' not in sys.modules, 'the ring protocol imports pluggy'\n"
+        "from balancer.plugin import plugin_manager\n"
+        "plugin_manager(load_entrypoints=False)\n"
+        "assert 'click' not in sys.modules, 'a plugin imports the REPL'\n"
+        "assert 'balancer.node' not in sys.modules, 'a plugin imports the node'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_plugin_replaces_the_repl_and_the_cli_runs_it(tmp_path: Path) -> None:
+    (tmp_path / "quiet_repl.py").write_text(
+        "from balancer.hookspecs import hookimpl\n"
+        "\n"
+        "async def session(node, stop):\n"
+        "    await node.put('greeting', b'hello')\n"
+        "    print('custom repl on', node.address, (await node.get('greeting')).decode(), flush=True)\n"
+        "\n"
+        "@hookimpl\n"
+        "def balancer_repl(node, pm, stop):\n"
+        "    return session(node, stop)\n"
+    )
+    info = tmp_path / "quiet_repl-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: quiet-repl\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[balancer]\nquiet = quiet_repl\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    solo = ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
+    command = [sys.executable, "-m", "balancer", "repl", "--ring", *solo]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stderr
+    assert "custom repl on 127.0.0.1:" in done.stdout
+    assert done.stdout.split("custom repl on ")[1].split()[1] == "hello"
+    assert "left the ring" in done.stdout
+    assert "CMD->" not in done.stdout  # the built-in REPL never started

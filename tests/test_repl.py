@@ -12,7 +12,7 @@ from helpers import SOLO, RingFactory
 from balancer.hookspecs import hookimpl
 from balancer.node import Node
 from balancer.plugin import plugin_manager
-from balancer.plugins.repl import OUT, PROMPT, Session, pass_session, run_repl
+from balancer.repl import OUT, PROMPT, Session, pass_session, run_repl
 
 
 async def drive(nodes: list[Node], pm: pluggy.PluginManager, script: str) -> list[str]:

@@ -161,10 +161,20 @@ async def test_a_joiner_with_other_replication_settings_is_refused(
     make_ring: RingFactory, network: LocalNetwork, pm: pluggy.PluginManager
 ) -> None:
     (first,) = await make_ring(1, replicas=1, write_quorum=1, read_quorum=1)
-    for change in ({"replication": "multi-ring"}, {"write_quorum": 1, "read_quorum": 1, "replicas": 2}):
+    changes: list[dict[str, object]] = [
+        {"replication": "multi-ring"},
+        {"replication": "groups"},
+        {"write_quorum": 1, "read_quorum": 1, "replicas": 2},
+    ]
+    for change in changes:
         config = first.config.evolve(**change)
         with pytest.raises(IncompatibleConfigError, match="differ in"):
             await Node(config, join=first.address, pm=pm, transport=LocalTransport(network)).start()
+    # the strategy's own settings are ring settings too
+    (grouped,) = await make_ring(1, replication="groups", replicas=1, write_quorum=1, read_quorum=1)
+    larger = grouped.config.evolve(extra={"groups": {"size": 4}})
+    with pytest.raises(IncompatibleConfigError, match=r"differ in groups\.size"):
+        await Node(larger, join=grouped.address, pm=pm, transport=LocalTransport(network)).start()
     other_size = first.config.evolve(vnodes=4, weight=2.0)  # size is not a ring setting
     async with Node(other_size, join=first.address, pm=pm, transport=LocalTransport(network)) as joined:
         assert len(joined.ring.vnodes) == 8
