@@ -11,9 +11,9 @@ explicitly::
     async with Node(config, pm=pm) as node:
         ...                                  # GET http://<node.address>/metrics
 
-The counts live in `prometheus_client <https://github.com/prometheus/client_python>`_ counters and a
-histogram, in a :class:`~prometheus_client.CollectorRegistry` of the exporter's own (never the library's
-global default registry, so two exporters in one process never collide), and the body is what
+The counts live in counters and a histogram of ``prometheus_client``, Prometheus' Python client, in a
+:class:`~prometheus_client.CollectorRegistry` of the exporter's own (never the client's global default
+registry, so two exporters in one process never collide), and the body is what
 :func:`prometheus_client.generate_latest` writes.
 
 Several nodes may share one plugin manager (and so one exporter) in one process: every series carries a
