@@ -1,4 +1,4 @@
-"""Prometheus metrics for balancer: every node serves ``GET /metrics`` in the text exposition format.
+"""Prometheus metrics for balancer: every node serves ``GET /metrics`` in Prometheus' text format.
 
 Installed, the package registers itself through the ``balancer`` entry-point group, so every node started
 with entry points loaded (the CLI's default) serves its own metrics. In Python, register an exporter
@@ -11,11 +11,17 @@ explicitly::
     async with Node(config, pm=pm) as node:
         ...                                  # GET http://<node.address>/metrics
 
-Several nodes may share one plugin manager (and so one exporter) in one process: the exporter keeps the
-counts of each node apart, keyed by the node, and labels every sample with the node's address.
+The counts live in counters and a histogram of ``prometheus_client``, Prometheus' Python client, in a
+:class:`~prometheus_client.CollectorRegistry` of the exporter's own (never the client's global default
+registry, so two exporters in one process never collide), and the body is what
+:func:`prometheus_client.generate_latest` writes.
+
+Several nodes may share one plugin manager (and so one exporter) in one process: every series carries a
+``node`` label, the node's address, which keeps the counts of each node apart, and a node's ``/metrics``
+shows its own series only.
 
 pluggy calls hooks synchronously: the event hooks only add to in-memory counts, and the ring state and
-record count are read when ``/metrics`` is scraped.
+record count are read when ``/metrics`` is scraped (by a collector made for that one scrape).
 """
 
 from __future__ import annotations
@@ -23,10 +29,20 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Metric,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from balancer.errors import RingError
 from balancer.hookspecs import Route, hookimpl
@@ -40,6 +56,7 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "EXPORTER",
     "METRICS_PATH",
+    "NODE_LABEL",
     "OPERATIONS",
     "RING_EVENTS",
     "NodeMetrics",
@@ -56,8 +73,9 @@ __version__ = "0.1.0"
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-"""The content type of Prometheus' text exposition format, version 0.0.4."""
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The content type of the body: prometheus_client's ``CONTENT_TYPE_LATEST``, for the text format that
+:func:`~prometheus_client.generate_latest` writes."""
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0001,
@@ -89,101 +107,148 @@ RING_EVENTS = ("joined", "left", "failed")
 METRICS_PATH = "/metrics"
 """Where every node serves its metrics."""
 
+NODE_LABEL = "node"
+"""The label every series carries: the address of the node it belongs to."""
 
-@dataclass(slots=True)
-class _Histogram:
-    """Observations counted into fixed buckets, the way Prometheus' histograms count them."""
 
-    bounds: tuple[float, ...]
-    counts: list[int]
-    """Per bucket, not cumulative; one more than ``bounds``: the last counts values above every bound."""
-    total: float = 0.0
-    count: int = 0
+@dataclass(frozen=True, slots=True)
+class _Families:
+    """The metric families the hooks count into, registered in one exporter's registry."""
+
+    operations: Counter
+    latency: Histogram
+    events: Counter
+    handed_off: Counter
 
     @classmethod
-    def over(cls, bounds: tuple[float, ...]) -> _Histogram:
-        return cls(bounds, [0] * (len(bounds) + 1))
+    def register(cls, registry: CollectorRegistry, buckets: tuple[float, ...]) -> _Families:
+        return cls(
+            operations=Counter(
+                "balancer_kv_operations_total",
+                "Client key-value operations this node served, by operation and outcome "
+                "(error includes a missing key).",
+                (NODE_LABEL, "operation", "outcome"),
+                registry=registry,
+            ),
+            latency=Histogram(
+                "balancer_kv_operation_duration_seconds",
+                "Seconds a client key-value operation took on this node, whatever its outcome.",
+                (NODE_LABEL, "operation"),
+                registry=registry,
+                buckets=buckets,
+            ),
+            events=Counter(
+                "balancer_ring_events_total",
+                "Ring events this node observed: a neighbour joined, left gracefully, or failed.",
+                (NODE_LABEL, "event"),
+                registry=registry,
+            ),
+            handed_off=Counter(
+                "balancer_records_handed_off_total",
+                "Records this node handed to other nodes that confirmed them, summed over targets.",
+                (NODE_LABEL,),
+                registry=registry,
+            ),
+        )
 
-    def observe(self, value: float) -> None:
-        # bucket i counts values <= bounds[i] (Prometheus' "le"); bisect_left finds the first such i
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
 
-    def cumulative(self) -> Iterator[tuple[float, int]]:
-        """``(upper bound, observations at or below it)`` for every bucket, ending with ``+Inf``."""
-        running = 0
-        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
-            running += count
-            yield bound, running
-
-
-@dataclass(slots=True)
 class NodeMetrics:
-    """What one node has observed since the exporter first heard of it; counts only ever grow."""
+    """One node's series in its exporter's registry, the ones the hooks add to.
 
-    buckets: tuple[float, ...]
-    operations: dict[tuple[str, bool], int] = field(default_factory=dict)
-    """Client operations by ``(operation, ok)``."""
-    latency: dict[str, _Histogram] = field(default_factory=dict)
-    """Seconds each client operation took, by operation."""
-    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RING_EVENTS, 0))
-    """Ring events by kind (``joined``, ``left``, ``failed``)."""
-    handed_off: int = 0
-    """Records handed to other nodes, summed over targets (a record pushed to two heirs counts twice)."""
+    Every series is labelled with the node's address and created, at zero, when the exporter first hears
+    of the node, so that ``rate()`` works from the first scrape; counts only ever grow. The children are
+    looked up once, here, so that a hook costs a dictionary look-up and an increment.
+    """
 
-    def __post_init__(self) -> None:
+    __slots__ = ("_families", "address", "events", "handed_off", "latency", "operations")
+
+    def __init__(self, families: _Families, address: str) -> None:
+        self._families = families
+        self.address = address
+        """The node's address, the value of its ``node`` label."""
+        self.operations: dict[tuple[str, bool], Counter] = {}
+        """Client operations by ``(operation, ok)``."""
+        self.latency: dict[str, Histogram] = {}
+        """Seconds each client operation took, by operation."""
+        self.events: dict[str, Counter] = {
+            event: families.events.labels(address, event) for event in RING_EVENTS
+        }
+        """Ring events by kind (``joined``, ``left``, ``failed``)."""
+        self.handed_off: Counter = families.handed_off.labels(address)
+        """Records handed to other nodes, summed over targets (a record pushed to two heirs counts twice)."""
         for operation in OPERATIONS:
-            self._start(operation)
+            self._latency(operation)
 
-    def _start(self, operation: str) -> None:
-        if operation not in self.latency:
-            self.latency[operation] = _Histogram.over(self.buckets)
+    def _latency(self, operation: str) -> Histogram:
+        """The histogram of ``operation``, its series (and both outcomes' counts) created the first time."""
+        found = self.latency.get(operation)
+        if found is None:
             for ok in (True, False):
-                self.operations[(operation, ok)] = 0
+                outcome = "ok" if ok else "error"
+                self.operations[(operation, ok)] = self._families.operations.labels(
+                    self.address, operation, outcome
+                )
+            found = self.latency[operation] = self._families.latency.labels(self.address, operation)
+        return found
 
     def observe(self, operation: str, seconds: float, ok: bool) -> None:
         """Count one client operation that took ``seconds``."""
-        self._start(operation)
-        self.operations[(operation, ok)] += 1
-        self.latency[operation].observe(seconds)
+        self._latency(operation).observe(seconds)
+        self.operations[(operation, ok)].inc()
 
 
 class PrometheusExporter:
     """A balancer plugin that counts each node's operations and ring events and serves them as
     ``GET /metrics`` on that node; register an instance with the plugin manager.
 
-    :param buckets: upper bounds, in seconds, of the latency histogram's buckets; finite, positive and
-        strictly increasing (``+Inf`` is always added). Raises ``ValueError`` otherwise.
+    :param buckets: upper bounds, in seconds, of the latency histogram's buckets; at least one, finite,
+        positive and strictly increasing (``+Inf`` is always added). Raises ``ValueError`` otherwise.
 
-    Counts are kept per node (by :class:`~balancer.types.NodeInfo`) for as long as the exporter lives,
-    a few kilobytes per node it ever heard of.
+    The counts live in :attr:`registry`, this exporter's own, keyed by node address (the ``node`` label)
+    for as long as the exporter lives: some 20 KiB per node it ever heard of.
     """
 
     def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         bounds = tuple(float(b) for b in buckets)
-        if not all(math.isfinite(b) and b > 0 for b in bounds) or any(
-            low >= high for low, high in itertools.pairwise(bounds)
+        if (
+            not bounds
+            or not all(math.isfinite(b) and b > 0 for b in bounds)
+            or any(low >= high for low, high in itertools.pairwise(bounds))
         ):
-            raise ValueError(f"buckets must be finite, positive and strictly increasing, got {buckets!r}")
+            raise ValueError(
+                f"buckets must be one or more finite, positive, strictly increasing bounds, got {buckets!r}"
+            )
         self.buckets = bounds
-        self._nodes: dict[NodeInfo, NodeMetrics] = {}
+        self.registry = CollectorRegistry()
+        """The counts of every node this exporter heard of (not the ring gauges, which exist per scrape);
+        prometheus_client's global default registry is left alone."""
+        self._families = _Families.register(self.registry, bounds)
+        self._nodes: dict[str, NodeMetrics] = {}
 
     def metrics(self, node: NodeInfo) -> NodeMetrics:
-        """The counts of ``node`` (new, all zero, the first time it is asked for)."""
-        found = self._nodes.get(node)
+        """The series of ``node`` (created, all zero, the first time it is asked for), by its address."""
+        found = self._nodes.get(node.address)
         if found is None:
-            found = self._nodes[node] = NodeMetrics(self.buckets)
+            found = self._nodes[node.address] = NodeMetrics(self._families, node.address)
         return found
 
+    def generate(self, view: RingView, records: int) -> bytes:
+        """The body of a scrape of the node whose ring view is ``view`` and that stores ``records``: its
+        ring state and its own series, as :func:`prometheus_client.generate_latest` writes them."""
+        self.metrics(view.node)  # its counts are exported, at zero, from its first scrape on
+        return generate_latest(_Scrape(self.registry, _RingState(view, records)))
+
     def render(self, view: RingView, records: int) -> str:
-        """The exposition text of the node whose ring view is ``view`` and that stores ``records``."""
-        return _render(view, records, self.metrics(view.node))
+        """:meth:`generate`, as text."""
+        return self.generate(view, records).decode()
 
     async def exposition(self, node: Node) -> str:
         """The exposition text of a started ``node``; raises :class:`~balancer.errors.RingError` before."""
+        return (await self._scrape(node)).decode()
+
+    async def _scrape(self, node: Node) -> bytes:
         view = node.view()
-        return self.render(view, await node.storage.count())
+        return self.generate(view, await node.storage.count())
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -197,10 +262,10 @@ class PrometheusExporter:
 
         async def scrape() -> tuple[int, str, bytes]:
             try:
-                text = await self.exposition(node)
+                body = await self._scrape(node)
             except RingError:  # a scrape in the instant between serving and joining
                 return 503, "text/plain; charset=utf-8", b"the node has not joined a ring yet\n"
-            return 200, CONTENT_TYPE, text.encode()
+            return 200, CONTENT_TYPE, body
 
         register(Route("GET", METRICS_PATH, scrape))
 
@@ -212,52 +277,25 @@ class PrometheusExporter:
     @hookimpl
     def balancer_node_joined(self, node: NodeInfo, peer: NodeInfo) -> None:
         """Count a new neighbour."""
-        self.metrics(node).events["joined"] += 1
+        self.metrics(node).events["joined"].inc()
 
     @hookimpl
     def balancer_node_left(self, node: NodeInfo, peer: NodeInfo) -> None:
         """Count a neighbour's graceful leave."""
-        self.metrics(node).events["left"] += 1
+        self.metrics(node).events["left"].inc()
 
     @hookimpl
     def balancer_node_failed(self, node: NodeInfo, peer: NodeInfo) -> None:
         """Count a peer that stopped answering."""
-        self.metrics(node).events["failed"] += 1
+        self.metrics(node).events["failed"].inc()
 
     @hookimpl
     def balancer_range_moved(self, node: NodeInfo, target: NodeInfo, records: int) -> None:
         """Count records handed to ``target``."""
-        self.metrics(node).handed_off += records
+        self.metrics(node).handed_off.inc(records)
 
 
-# -- the text exposition format -------------------------------------------------------------------
-
-_Labels = dict[str, str]
-_Sample = tuple[str, _Labels, float]
-"""A sample: the suffix after the family's name (``""``, ``"_bucket"``, ...), labels, and the value."""
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) -> list[str]:
-    escaped_help = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-    lines = [f"# HELP {name} {escaped_help}", f"# TYPE {name} {kind}"]
-    for suffix, labels, value in samples:
-        pairs = ",".join(f'{key}="{_escape_label(text)}"' for key, text in labels.items())
-        lines.append(f"{name}{suffix}{{{pairs}}} {_number(value)}")
-    return lines
+# -- what one scrape collects ---------------------------------------------------------------------
 
 
 def _members(view: RingView) -> int:
@@ -268,70 +306,71 @@ def _members(view: RingView) -> int:
     return len({node.address for node in known})
 
 
-def _render(view: RingView, records: int, metrics: NodeMetrics) -> str:
-    me: _Labels = {"node": view.node.address}
-    histogram: list[_Sample] = []
-    for operation, latency in metrics.latency.items():
-        labels = {**me, "operation": operation}
-        for bound, count in latency.cumulative():
-            histogram.append(("_bucket", {**labels, "le": _number(bound)}, count))
-        histogram.append(("_sum", labels, latency.total))
-        histogram.append(("_count", labels, latency.count))
-    lines = [
-        *_family(
+def _gauge(name: str, documentation: str, address: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=(NODE_LABEL,))
+    gauge.add_metric((address,), value)
+    return gauge
+
+
+class _RingState(Collector):
+    """The gauges of one node's ring view and record count, as read for one scrape."""
+
+    def __init__(self, view: RingView, records: int) -> None:
+        self.view = view
+        self.records = records
+
+    def collect(self) -> Iterator[Metric]:
+        view, address = self.view, self.view.node.address
+        info = GaugeMetricFamily(
             "balancer_node_info",
-            "gauge",
             "This node: its address and its id on the ring (hexadecimal); always 1.",
-            [("", {**me, "id": format_id(view.node.id)}, 1)],
-        ),
-        *_family(
-            "balancer_kv_operations_total",
-            "counter",
-            "Client key-value operations this node served, by operation and outcome "
-            "(error includes a missing key).",
-            [
-                ("", {**me, "operation": operation, "outcome": "ok" if ok else "error"}, count)
-                for (operation, ok), count in metrics.operations.items()
-            ],
-        ),
-        *_family(
-            "balancer_kv_operation_duration_seconds",
-            "histogram",
-            "Seconds a client key-value operation took on this node, whatever its outcome.",
-            histogram,
-        ),
-        *_family(
+            labels=(NODE_LABEL, "id"),
+        )
+        info.add_metric((address, format_id(view.node.id)), 1)
+        yield info
+        yield _gauge(
             "balancer_records",
-            "gauge",
             "Records this node stores, its replicas and tombstones included.",
-            [("", me, records)],
-        ),
-        *_family(
+            address,
+            self.records,
+        )
+        yield _gauge(
             "balancer_ring_members",
-            "gauge",
             "Ring processes this node knows: itself, its predecessor, successors and fingers.",
-            [("", me, _members(view))],
-        ),
-        *_family(
+            address,
+            _members(view),
+        )
+        yield _gauge(
             "balancer_successor_list_length",
-            "gauge",
             "Other processes in this node's successor list (0 when alone).",
-            [("", me, len({s.address for s in view.successors} - {view.node.address}))],
-        ),
-        *_family(
-            "balancer_ring_events_total",
-            "counter",
-            "Ring events this node observed: a neighbour joined, left gracefully, or failed.",
-            [("", {**me, "event": event}, count) for event, count in metrics.events.items()],
-        ),
-        *_family(
-            "balancer_records_handed_off_total",
-            "counter",
-            "Records this node handed to other nodes that confirmed them, summed over targets.",
-            [("", me, metrics.handed_off)],
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+            address,
+            len({s.address for s in view.successors} - {address}),
+        )
+
+
+class _Scrape(Collector):
+    """One scrape of one node: its ring state, then its own series of the exporter's registry.
+
+    The series of other nodes sharing the exporter are left out, and so are the ``_created`` samples
+    prometheus_client keeps for OpenMetrics (the creation time of each series): the text format would
+    carry them as one more gauge family per counter and histogram.
+    """
+
+    def __init__(self, registry: CollectorRegistry, ring: _RingState) -> None:
+        self.registry = registry
+        self.ring = ring
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.ring.collect()
+        address = self.ring.view.node.address
+        for family in self.registry.collect():
+            created = family.name + "_created"
+            own = Metric(family.name, family.documentation, family.type, family.unit)
+            own.samples = [
+                s for s in family.samples if s.labels.get(NODE_LABEL) == address and s.name != created
+            ]
+            if own.samples:
+                yield own
 
 
 # -- the module as a plugin -----------------------------------------------------------------------

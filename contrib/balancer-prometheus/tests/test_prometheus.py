@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 import aiohttp
 import balancer_prometheus
+import prometheus_client
 import pytest
 from balancer_prometheus import CONTENT_TYPE, DEFAULT_BUCKETS, PrometheusExporter
 
@@ -27,6 +28,18 @@ from balancer.types import NodeInfo, RingView, format_id
 
 SOLO = Config(load_entrypoints=False, replicas=1, write_quorum=1, read_quorum=1)
 """A ring of one node can only acknowledge writes on one replica."""
+
+FAMILIES = {
+    "balancer_node_info",
+    "balancer_kv_operations_total",
+    "balancer_kv_operation_duration_seconds",
+    "balancer_records",
+    "balancer_ring_members",
+    "balancer_successor_list_length",
+    "balancer_ring_events_total",
+    "balancer_records_handed_off_total",
+}
+"""Every metric family a node exports, and nothing else."""
 
 # -- a strict reader of the text format, so the tests check the exporter against the format itself --
 
@@ -188,16 +201,34 @@ def test_the_exposition_counts_every_hook_per_node() -> None:
     assert counts[(("node", me.address), ("operation", "get"))] == 3
     assert counts[(("node", me.address), ("operation", "delete"))] == 0
     # le is inclusive: 0.005 and 0.01 fall in the 0.01 bucket, 3.0 only in +Inf
-    lines = text.splitlines()
-    histogram = "balancer_kv_operation_duration_seconds"
-    assert f'{histogram}_bucket{{node="10.0.0.1:9001",operation="get",le="0.01"}} 2' in lines
-    assert f'{histogram}_bucket{{node="10.0.0.1:9001",operation="get",le="+Inf"}} 3' in lines
-    assert f'{histogram}_sum{{node="10.0.0.1:9001",operation="get"}} 3.015' in lines
+    samples = families["balancer_kv_operation_duration_seconds"].samples
+    get = {"node": "10.0.0.1:9001", "operation": "get"}
+    assert ("_bucket", {**get, "le": "0.01"}, 2) in samples
+    assert ("_bucket", {**get, "le": "+Inf"}, 3) in samples
+    assert ("_sum", get, 3.015) in samples
+    # the eight families, only this node's samples, and no OpenMetrics _created series
+    assert set(families) == FAMILIES
+    assert {labels["node"] for family in families.values() for _, labels, _ in family.samples} == {me.address}
 
     theirs = parse(exporter.render(RingView(other, None, (other,), ()), records=0))
     assert value(theirs, "balancer_kv_operations_total", operation="put", outcome="ok") == 1
     assert value(theirs, "balancer_ring_events_total", event="joined") == 0
     assert value(theirs, "balancer_ring_members") == 1
+
+
+def test_each_exporter_counts_in_a_registry_of_its_own() -> None:
+    first, second = PrometheusExporter(), PrometheusExporter()
+    me = NodeInfo(0xAB, "10.0.0.1:9001")
+    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
+    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
+    second.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
+    series = ("balancer_kv_operations_total", {"node": me.address, "operation": "put", "outcome": "ok"})
+    assert first.registry.get_sample_value(*series) == 2
+    assert second.registry.get_sample_value(*series) == 1
+    assert prometheus_client.REGISTRY.get_sample_value(*series) is None
+    view = RingView(me, None, (me,), ())
+    assert value(parse(first.render(view, records=0)), series[0], **series[1]) == 2
+    assert value(parse(second.render(view, records=0)), series[0], **series[1]) == 1
 
 
 def test_label_values_are_escaped() -> None:
@@ -206,7 +237,7 @@ def test_label_values_are_escaped() -> None:
     assert value(families, "balancer_records", node=odd.address) == 0
 
 
-@pytest.mark.parametrize("buckets", [(0.1, 0.1), (1.0, 0.5), (0.0, 1.0), (1.0, math.inf)])
+@pytest.mark.parametrize("buckets", [(), (0.1, 0.1), (1.0, 0.5), (0.0, 1.0), (1.0, math.inf)])
 def test_bad_buckets_are_refused(buckets: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         PrometheusExporter(buckets=buckets)
