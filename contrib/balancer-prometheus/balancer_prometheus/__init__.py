@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -58,6 +58,7 @@ __all__ = [
     "METRICS_PATH",
     "NODE_LABEL",
     "OPERATIONS",
+    "OUTCOMES",
     "RING_EVENTS",
     "NodeMetrics",
     "PrometheusExporter",
@@ -73,9 +74,10 @@ __version__ = "0.1.0"
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-"""The content type of the body: prometheus_client's ``CONTENT_TYPE_LATEST``, for the text format that
-:func:`~prometheus_client.generate_latest` writes."""
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The content type of the body: the text format 0.0.4, which every Prometheus server reads. The body
+:func:`~prometheus_client.generate_latest` writes is that format, as every metric name here is a classic
+one; ``CONTENT_TYPE_LATEST`` (version 1.0.0) would turn away older scrapers for no gain."""
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0001,
@@ -101,6 +103,9 @@ answers from its own memory lands, to 10 s, several RPC timeouts (1 s by default
 OPERATIONS = ("get", "put", "delete")
 """The client operations ``balancer_kv_operation`` reports; each is exported from zero on."""
 
+OUTCOMES = ("ok", "not_found", "quorum", "refused", "invalid", "error")
+"""The outcomes ``balancer_kv_operation`` reports; each operation's count of each is exported from zero."""
+
 RING_EVENTS = ("joined", "left", "failed")
 """The ring events counted, by the name of their hook (``balancer_node_<event>``)."""
 
@@ -125,8 +130,8 @@ class _Families:
         return cls(
             operations=Counter(
                 "balancer_kv_operations_total",
-                "Client key-value operations this node served, by operation and outcome "
-                "(error includes a missing key).",
+                "Client key-value operations this node coordinated, by operation and outcome (ok, "
+                "not_found, quorum, refused, invalid, error).",
                 (NODE_LABEL, "operation", "outcome"),
                 registry=registry,
             ),
@@ -166,8 +171,8 @@ class NodeMetrics:
         self._families = families
         self.address = address
         """The node's address, the value of its ``node`` label."""
-        self.operations: dict[tuple[str, bool], Counter] = {}
-        """Client operations by ``(operation, ok)``."""
+        self.operations: dict[tuple[str, str], Counter] = {}
+        """Client operations by ``(operation, outcome)``."""
         self.latency: dict[str, Histogram] = {}
         """Seconds each client operation took, by operation."""
         self.events: dict[str, Counter] = {
@@ -180,21 +185,20 @@ class NodeMetrics:
             self._latency(operation)
 
     def _latency(self, operation: str) -> Histogram:
-        """The histogram of ``operation``, its series (and both outcomes' counts) created the first time."""
+        """The histogram of ``operation``, its series (and every outcome's count) created the first time."""
         found = self.latency.get(operation)
         if found is None:
-            for ok in (True, False):
-                outcome = "ok" if ok else "error"
-                self.operations[(operation, ok)] = self._families.operations.labels(
+            for outcome in OUTCOMES:
+                self.operations[(operation, outcome)] = self._families.operations.labels(
                     self.address, operation, outcome
                 )
             found = self.latency[operation] = self._families.latency.labels(self.address, operation)
         return found
 
-    def observe(self, operation: str, seconds: float, ok: bool) -> None:
-        """Count one client operation that took ``seconds``."""
+    def observe(self, operation: str, seconds: float, outcome: str) -> None:
+        """Count one client operation that took ``seconds`` and ended with ``outcome``."""
         self._latency(operation).observe(seconds)
-        self.operations[(operation, ok)].inc()
+        self.operations[(operation, outcome if outcome in OUTCOMES else "error")].inc()
 
 
 class PrometheusExporter:
@@ -270,9 +274,9 @@ class PrometheusExporter:
         register(Route("GET", METRICS_PATH, scrape))
 
     @hookimpl
-    def balancer_kv_operation(self, node: NodeInfo, operation: str, seconds: float, ok: bool) -> None:
-        """Count a client operation and its latency."""
-        self.metrics(node).observe(operation, seconds, ok)
+    def balancer_kv_operation(self, node: NodeInfo, operation: str, seconds: float, outcome: str) -> None:
+        """Count a client operation, its outcome and its latency."""
+        self.metrics(node).observe(operation, seconds, outcome)
 
     @hookimpl
     def balancer_node_joined(self, node: NodeInfo, peer: NodeInfo) -> None:

@@ -18,7 +18,7 @@ import aiohttp
 import balancer_prometheus
 import prometheus_client
 import pytest
-from balancer_prometheus import CONTENT_TYPE, DEFAULT_BUCKETS, PrometheusExporter
+from balancer_prometheus import CONTENT_TYPE, DEFAULT_BUCKETS, OPERATIONS, OUTCOMES, PrometheusExporter
 
 from balancer.config import Config
 from balancer.errors import KeyNotFoundError
@@ -172,10 +172,10 @@ def test_the_exposition_counts_every_hook_per_node() -> None:
     exporter = PrometheusExporter(buckets=(0.01, 0.1))
     me, other = NodeInfo(0xAB, "10.0.0.1:9001"), NodeInfo(0xCD, "10.0.0.2:9001")
     third = NodeInfo(0xEF, "10.0.0.3:9001")
-    exporter.balancer_kv_operation(node=me, operation="get", seconds=0.005, ok=True)
-    exporter.balancer_kv_operation(node=me, operation="get", seconds=0.01, ok=False)
-    exporter.balancer_kv_operation(node=me, operation="get", seconds=3.0, ok=True)
-    exporter.balancer_kv_operation(node=other, operation="put", seconds=0.5, ok=True)
+    exporter.balancer_kv_operation(node=me, operation="get", seconds=0.005, outcome="ok")
+    exporter.balancer_kv_operation(node=me, operation="get", seconds=0.01, outcome="not_found")
+    exporter.balancer_kv_operation(node=me, operation="get", seconds=3.0, outcome="ok")
+    exporter.balancer_kv_operation(node=other, operation="put", seconds=0.5, outcome="ok")
     exporter.balancer_node_joined(node=me, peer=other)
     exporter.balancer_node_joined(node=me, peer=third)
     exporter.balancer_node_left(node=me, peer=third)
@@ -188,7 +188,7 @@ def test_the_exposition_counts_every_hook_per_node() -> None:
     families = parse(text)
     assert value(families, "balancer_node_info", id="00000000000000ab") == 1
     assert value(families, "balancer_kv_operations_total", operation="get", outcome="ok") == 2
-    assert value(families, "balancer_kv_operations_total", operation="get", outcome="error") == 1
+    assert value(families, "balancer_kv_operations_total", operation="get", outcome="not_found") == 1
     assert value(families, "balancer_kv_operations_total", operation="put", outcome="ok") == 0  # other's
     assert value(families, "balancer_records") == 12
     assert value(families, "balancer_ring_members") == 3
@@ -219,9 +219,9 @@ def test_the_exposition_counts_every_hook_per_node() -> None:
 def test_each_exporter_counts_in_a_registry_of_its_own() -> None:
     first, second = PrometheusExporter(), PrometheusExporter()
     me = NodeInfo(0xAB, "10.0.0.1:9001")
-    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
-    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
-    second.balancer_kv_operation(node=me, operation="put", seconds=0.001, ok=True)
+    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, outcome="ok")
+    first.balancer_kv_operation(node=me, operation="put", seconds=0.001, outcome="ok")
+    second.balancer_kv_operation(node=me, operation="put", seconds=0.001, outcome="ok")
     series = ("balancer_kv_operations_total", {"node": me.address, "operation": "put", "outcome": "ok"})
     assert first.registry.get_sample_value(*series) == 2
     assert second.registry.get_sample_value(*series) == 1
@@ -264,8 +264,8 @@ async def test_a_node_serves_its_metrics() -> None:
     finally:
         await node.close()
 
-    expected = {("get", "ok"): 2, ("get", "error"): 1, ("put", "ok"): 3, ("put", "error"): 0}
-    expected |= {("delete", "ok"): 0, ("delete", "error"): 0}
+    expected = {(operation, outcome): 0 for operation in OPERATIONS for outcome in OUTCOMES}
+    expected |= {("get", "ok"): 2, ("get", "not_found"): 1, ("put", "ok"): 3}
     for (operation, outcome), count in expected.items():
         got = value(families, "balancer_kv_operations_total", operation=operation, outcome=outcome)
         assert got == count, (operation, outcome)
