@@ -275,7 +275,14 @@ async def execute(commands: click.Group, session: Session, line: str) -> None:
 
 
 def _reader(prompt: str, source: TextIO, write: Callable[[str], None]) -> Callable[[], Awaitable[str | None]]:
-    """Read lines on a daemon thread (so a blocked read never holds the process open); None at EOF."""
+    """Read lines on a daemon thread (so a blocked read never holds the process open); None at EOF.
+
+    At a terminal, lines come from ``input()`` with the standard library's ``readline`` (editing,
+    history), the well-kept line editor every Python has; piped input is read as plain lines, so scripts
+    and tests see exactly what they send. Both block, hence the thread. prompt_toolkit would read without
+    a thread, but it is a dependency of its own and repaints the screen with escape sequences, which a
+    REPL whose answers other tools read line by line does not need.
+    """
     loop = asyncio.get_running_loop()
     interactive = source is sys.stdin and sys.stdin.isatty()
     if interactive:
