@@ -25,8 +25,9 @@ import orjson
 import pluggy
 from click.core import ParameterSource
 
+from balancer.client import RemoteNode
 from balancer.config import Config
-from balancer.errors import BalancerError, PluginError
+from balancer.errors import BalancerError, KeyNotFoundError, PluginError
 from balancer.node import Node
 from balancer.plugin import Registry, installed_plugins, plugin_manager
 from balancer.types import format_id
@@ -523,6 +524,109 @@ def status(
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(format_members(data) if whole_ring else format_status(data))
+
+
+def _client_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of the commands that reach a ring from outside it (cli, get, put, delete)."""
+    options = [
+        click.option(
+            "--api-token",
+            envvar="BALANCER_API_TOKEN",
+            help="Bearer token, if the ring requires one (prefer --api-token-file or BALANCER_API_TOKEN).",
+        ),
+        click.option("--api-token-file", type=click.File("r"), help="Read the bearer token from this file."),
+        click.option(
+            "--tls-ca",
+            type=click.Path(dir_okay=False, exists=True),
+            help="Use https, verifying the node against this CA.",
+        ),
+        click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per request."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _client(address: str, opts: dict[str, Any]) -> RemoteNode:
+    token = _secret("api_token", opts["api_token"], opts["api_token_file"])
+    return RemoteNode(address, token=token, ca=opts["tls_ca"], timeout=opts["timeout"])
+
+
+def _one_shot(work: Callable[[], Any]) -> Any:
+    """Run one client operation: its error on stderr and exit status 1, never a traceback."""
+    try:
+        return asyncio.run(work())
+    except KeyNotFoundError as exc:
+        click.echo(f"not found: {exc.args[0] if exc.args else ''}", err=True)
+    except BalancerError as exc:
+        click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@main.command(name="cli")
+@click.argument("address", callback=_address)
+@_client_options
+def client_repl(address: str, **opts: Any) -> None:
+    """The REPL on the ring of the node at ADDRESS (HOST:PORT), over its HTTP API, without joining:
+    get, put, delete, status, ring, help, exit (dump and leave need a member: balancer repl)."""
+
+    async def run() -> None:
+        async with _client(address, opts) as ring:
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            pm = plugin_manager(load_entrypoints=False)
+            _say(f"connected to {address} as a client (not a ring member); type help for the commands")
+            session = pm.hook.balancer_repl(node=ring, pm=pm, stop=stop)
+            await session
+
+    _one_shot(run)
+    sys.exit(0)
+
+
+@main.command(name="get")
+@click.argument("address", callback=_address)
+@click.argument("key")
+@_client_options
+def get_command(address: str, key: str, **opts: Any) -> None:
+    """Print the value of KEY, read through the node at ADDRESS (exit status 1 if it has none)."""
+
+    async def run() -> bytes:
+        async with _client(address, opts) as ring:
+            return await ring.get(key)
+
+    value: bytes = _one_shot(run)
+    sys.stdout.buffer.write(value + (b"\n" if sys.stdout.isatty() else b""))
+    sys.stdout.flush()
+
+
+@main.command(name="put")
+@click.argument("address", callback=_address)
+@click.argument("key")
+@click.argument("value")
+@_client_options
+def put_command(address: str, key: str, value: str, **opts: Any) -> None:
+    """Store VALUE under KEY through the node at ADDRESS; VALUE - reads it from standard input."""
+    data = sys.stdin.buffer.read() if value == "-" else value.encode()
+
+    async def run() -> None:
+        async with _client(address, opts) as ring:
+            await ring.put(key, data)
+
+    _one_shot(run)
+
+
+@main.command(name="delete")
+@click.argument("address", callback=_address)
+@click.argument("key")
+@_client_options
+def delete_command(address: str, key: str, **opts: Any) -> None:
+    """Delete KEY through the node at ADDRESS (exit status 1 if it has no value)."""
+
+    async def run() -> None:
+        async with _client(address, opts) as ring:
+            await ring.delete(key)
+
+    _one_shot(run)
 
 
 def _free_port(host: str) -> int:

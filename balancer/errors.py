@@ -18,6 +18,7 @@ would reach for first, so ``except ValueError`` keeps working::
      ├── UnknownMethodError (LookupError)    an RPC method the node does not serve     -> 404
      ├── TooLargeError (ValueError)          a key or value over its size limit        -> 413
      ├── PluginError                         a plugin is missing or misbehaving
+     ├── NotMemberError                      asked of a client what only a ring member has
      ├── StorageError                        the storage cannot be opened, read or written
      ├── UnauthorizedError                   a missing or bad HMAC, token or timestamp   -> 401
      │    └── StaleRequestError              signed before the receiver started           -> 401
@@ -43,6 +44,7 @@ __all__ = [
     "KeyNotFoundError",
     "NoNodesError",
     "NotAcquiredError",
+    "NotMemberError",
     "PeerUnreachableError",
     "PluginError",
     "QuorumError",
@@ -165,6 +167,11 @@ class PluginError(BalancerError):
     def __init__(self, message: str, plugin: object = None) -> None:
         super().__init__(message)
         self.plugin = plugin
+
+
+class NotMemberError(BalancerError):
+    """Asked of a client (:class:`~balancer.client.RemoteNode`) what only a ring member has: its own
+    records, its routing state, a ring to leave."""
 
 
 class StorageError(BalancerError):

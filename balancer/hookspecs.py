@@ -114,6 +114,10 @@ class RingMember(Protocol):
     def stopped(self) -> bool:
         """Whether the member has left the ring or closed."""
 
+    @property
+    def member(self) -> bool:
+        """Whether this is a ring member (a :class:`~balancer.client.RemoteNode` client is not)."""
+
     async def get(self, key: str | bytes) -> bytes:
         """The value of ``key``; raises :class:`~balancer.errors.KeyNotFoundError`."""
 

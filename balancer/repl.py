@@ -15,6 +15,9 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import io
+import shlex
+import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -23,7 +26,7 @@ from typing import Any, TextIO
 import click
 import pluggy
 
-from balancer.errors import BalancerError, KeyNotFoundError
+from balancer.errors import BalancerError, KeyNotFoundError, QuorumError
 from balancer.hookspecs import RingMember
 from balancer.types import format_id
 
@@ -37,6 +40,7 @@ __all__ = [
     "format_status",
     "pass_session",
     "run_repl",
+    "split_line",
 ]
 
 PROMPT = "[balancer] CMD-> "
@@ -46,9 +50,13 @@ OUT = "[balancer] OUT-> "
 class Session:
     """What a REPL command works with: the ``node``, and ``say`` to answer the user."""
 
-    def __init__(self, node: RingMember, write: Callable[[str], None]) -> None:
+    def __init__(self, node: RingMember, write: Callable[[str], None], *, interactive: bool = False) -> None:
         self.node = node
         self.done = False
+        self.interactive = interactive
+        """Whether the user is at a terminal (Ctrl-C cancels; prompts are drawn by prompt_toolkit)."""
+        self.running: asyncio.Future[None] | None = None
+        """The command running now, if any."""
         self._write = write
 
     def say(self, text: str) -> None:
@@ -160,7 +168,8 @@ def build_commands(pm: pluggy.PluginManager) -> click.Group:
 
 
 def builtin_commands(cli: click.Group) -> None:
-    """Add the built-in commands to ``cli``: get, put, delete, dump, leave, help, status, ring, exit."""
+    """Add the built-in commands to ``cli``: get, put, delete, dump, leave, help, status, ring,
+    neighbours, exit (and its alias quit)."""
 
     @cli.command()
     @click.argument("key")
@@ -177,8 +186,18 @@ def builtin_commands(cli: click.Group) -> None:
     @click.argument("value")
     @pass_session
     async def put(session: Session, key: str, value: str) -> None:
-        """put KEY VALUE: store VALUE (the rest of the line, spaces included) under KEY."""
-        await session.node.put(key, value.encode())
+        """put KEY VALUE: store VALUE under KEY; quote either to keep its spaces (put "my key" "a b"),
+        or give the value unquoted: the rest of the line, spaces included."""
+        try:
+            await session.node.put(key, value.encode())
+        except QuorumError as exc:
+            if exc.operation != "write" or exc.answered == 0:
+                raise
+            session.say(
+                f"not acknowledged: stored on {exc.answered} of {exc.needed} required replicas; "
+                "it may still appear"
+            )
+            return
         session.say(f"stored: {value}")
 
     @cli.command()
@@ -207,14 +226,19 @@ def builtin_commands(cli: click.Group) -> None:
     @pass_session
     async def leave(session: Session) -> None:
         """leave: hand this node's keys to its successor, leave the ring, and stop."""
+        if not session.node.member:
+            session.say("this client is not a ring member: nothing to leave (exit closes it)")
+            return
         await session.node.leave()
         session.say("left the ring")
         session.done = True
 
     @cli.command(name="exit")
     def exit_() -> None:
-        """exit: leave the ring gracefully and stop (as leave does)."""
+        """exit: leave the ring gracefully and stop (as leave does); quit does the same."""
         _session().done = True
+
+    cli.add_command(exit_, name="quit")
 
     @cli.command()
     @pass_session
@@ -235,12 +259,21 @@ def builtin_commands(cli: click.Group) -> None:
         session.say(format_ring(session.node))
 
     @cli.command(name="help")
-    def help_() -> None:
-        """help: list the commands."""
+    @click.argument("name", required=False)
+    def help_(name: str | None) -> None:
+        """help [COMMAND]: list the commands, or say what one does and how to call it."""
         session = _session()
-        for name in sorted(cli.commands):
-            doc = (cli.commands[name].help or name).splitlines()[0]
-            session.say(doc)
+        if name is None:
+            for command in sorted(cli.commands):
+                session.say((cli.commands[command].help or command).splitlines()[0])
+            session.say("help COMMAND says more; Ctrl-C cancels a line or a command, Ctrl-D leaves")
+            return
+        found = cli.commands.get(name)
+        if found is None:
+            session.say(f"unknown command: {name} (try help)")
+            return
+        session.say(_usage(found, name))
+        session.say(" ".join((found.help or "").partition(":")[2].split()) or "(no description)")
 
 
 def _usage(command: click.Command | None, name: str) -> str:
@@ -249,19 +282,40 @@ def _usage(command: click.Command | None, name: str) -> str:
     return f"usage: {(command.help or name).split(':')[0]}"
 
 
+def split_line(line: str) -> list[str]:
+    """A command line's words, with shell-style quoting (``get "my key"``). ``put``'s value is the rest
+    of the line as typed (``put key value with  spaces``, as the seed tool had it), or one quoted string
+    (``put "my key" "a value"``); a word whose quotes do not close is taken as typed."""
+    name, _, rest = line.strip().partition(" ")
+    if name != "put":
+        try:
+            return shlex.split(line)
+        except ValueError:  # an apostrophe in a word, say: no quoting meant
+            return line.split()
+    stream = io.StringIO(rest.strip())
+    lexer = shlex.shlex(stream, posix=True)
+    lexer.whitespace_split = True
+    try:
+        key = lexer.get_token()
+        value = stream.read().strip()  # what follows the key, as typed
+    except ValueError:
+        key, _, value = rest.strip().partition(" ")
+    if value[:1] in ("'", '"'):
+        with contextlib.suppress(ValueError):
+            if len(words := shlex.split(value)) == 1:
+                value = words[0]
+    return [name, key, value] if key and value else [name, key] if key else [name]
+
+
 async def execute(commands: click.Group, session: Session, line: str) -> None:
     """Run one line of input; every failure becomes an answer, never a traceback."""
-    name, _, rest = line.strip().partition(" ")
-    if not name:
+    words = split_line(line)
+    if not words:
         return
+    name = words[0]
     command = commands.commands.get(name)
-    if name == "put":  # the value is the rest of the line, spaces included
-        key, _, value = rest.strip().partition(" ")
-        args = [key, value] if key and value else [key] if key else []
-    else:
-        args = rest.split()
     try:
-        result = commands.main([name, *args], prog_name="", standalone_mode=False, obj=session)
+        result = commands.main(words, prog_name="", standalone_mode=False, obj=session)
         if inspect.isawaitable(result):
             await result
     except click.UsageError:
@@ -274,43 +328,99 @@ async def execute(commands: click.Group, session: Session, line: str) -> None:
         session.say(f"error: {type(exc).__name__}: {exc}")
 
 
-def _reader(prompt: str, source: TextIO, write: Callable[[str], None]) -> Callable[[], Awaitable[str | None]]:
-    """Read lines on a daemon thread (so a blocked read never holds the process open); None at EOF.
+SLOW = 1.0
+"""Seconds a command runs before the REPL says it is waiting for it."""
 
-    At a terminal, lines come from ``input()`` with the standard library's ``readline`` (editing,
-    history), the well-kept line editor every Python has; piped input is read as plain lines, so scripts
-    and tests see exactly what they send. Both block, hence the thread. prompt_toolkit would read without
-    a thread, but it is a dependency of its own and repaints the screen with escape sequences, which a
-    REPL whose answers other tools read line by line does not need.
-    """
-    loop = asyncio.get_running_loop()
-    interactive = source is sys.stdin and sys.stdin.isatty()
-    if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
 
-    def read(future: asyncio.Future[str | None]) -> None:
+class _Cancelled(Exception):
+    """Ctrl-C at a prompt with text on it: the line is dropped."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C at an empty prompt (not KeyboardInterrupt, which a task would pass on to the event loop)."""
+
+
+class _Terminal:
+    """Lines from a terminal, read with prompt_toolkit (editing, history, Ctrl-C and Ctrl-D as keys),
+    without a thread. Ctrl-C drops the line being typed; at an empty prompt it raises _Interrupted."""
+
+    def __init__(self) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.key_binding import KeyBindings
+
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _interrupt(event: Any) -> None:
+            empty = not event.app.current_buffer.text
+            event.app.exit(exception=_Interrupted() if empty else _Cancelled())
+
+        self._prompt: Any = PromptSession(key_bindings=keys)
+
+    async def next_line(self) -> str | None:
         try:
-            if interactive:
-                line: str | None = input(prompt)
-            else:
-                write(prompt)
-                raw = source.readline()
-                line = raw.rstrip("\n") if raw else None
-        except EOFError:
-            line = None
+            line: str = await self._prompt.prompt_async(PROMPT, handle_sigint=False)  # ours: see run_repl
+        except EOFError:  # Ctrl-D
+            return None
+        return line
 
-        def deliver() -> None:
-            if not future.done():
-                future.set_result(line)
 
-        loop.call_soon_threadsafe(deliver)
+class _Pipe:
+    """Lines from a pipe or file, as sent: each prompt is written before the line is read, so transcripts
+    read as at a terminal. Reads block, so they run on a daemon thread, which never holds the process
+    open."""
 
-    async def next_line() -> str | None:
+    def __init__(self, source: TextIO, write: Callable[[str], None]) -> None:
+        self._source, self._write = source, write
+
+    async def next_line(self) -> str | None:
+        self._write(PROMPT)
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[str | None] = loop.create_future()
-        threading.Thread(target=read, args=(future,), daemon=True).start()
+
+        def read() -> None:
+            raw = self._source.readline()
+            line = raw.rstrip("\n") if raw else None
+
+            def deliver() -> None:
+                if not future.done():
+                    future.set_result(line)
+
+            loop.call_soon_threadsafe(deliver)
+
+        threading.Thread(target=read, daemon=True).start()
         return await future
 
-    return next_line
+
+async def _warn_if_small(session: Session) -> None:
+    """Say once, at start, if the ring has fewer members than a write needs."""
+    with contextlib.suppress(BalancerError):
+        status = await session.node.status()
+        settings = status.get("settings") or {}
+        needed = settings.get("write_quorum")
+        view = await session.node.ring_view()
+        up = sum(1 for m in view.get("members") or [] if m.get("state") in ("up", "suspect"))
+        if isinstance(needed, int) and up < needed:
+            session.say(
+                f"the ring has {up} member{'s' if up != 1 else ''} and a write needs {needed}: "
+                "writes will fail until more nodes join"
+            )
+
+
+async def _run_command(commands: click.Group, session: Session, line: str) -> None:
+    """Run one line as a task (which Ctrl-C cancels at a terminal); say so if it is slow."""
+    task = session.running = asyncio.ensure_future(execute(commands, session, line))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=SLOW)
+        if not done:
+            session.say("waiting for the ring..." + (" (Ctrl-C cancels)" if session.interactive else ""))
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+        session.say("cancelled (a write may still complete)")
+    finally:
+        session.running = None
 
 
 async def run_repl(
@@ -321,9 +431,11 @@ async def run_repl(
     write: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Read and run commands until ``exit``, ``leave``, end of input, or ``stop`` is set.
+    """Read and run commands until ``exit``, ``leave``, end of input (Ctrl-D), a second Ctrl-C at an
+    empty prompt, or ``stop`` is set.
 
-    The node is left gracefully at the end unless a command already left it.
+    At a terminal, Ctrl-C drops the line being typed, or cancels the command that is running. A member
+    is left gracefully at the end unless a command already left it (a client is closed).
     """
 
     def echo(text: str) -> None:
@@ -331,24 +443,54 @@ async def run_repl(
         sys.stdout.flush()
 
     out = write or echo
-    session = Session(node, out)
+    source = source or sys.stdin
+    interactive = source is sys.stdin and sys.stdin.isatty() and sys.stdout.isatty()
+    session = Session(node, out, interactive=interactive)
     commands = build_commands(pm)
-    next_line = _reader(PROMPT, source or sys.stdin, out)
+    reader = _Terminal() if interactive else _Pipe(source, out)
     stop = stop or asyncio.Event()
     stopping = asyncio.ensure_future(stop.wait())
+    interrupted = False  # the last thing typed was Ctrl-C at an empty prompt
+    loop = asyncio.get_running_loop()
+    if interactive:  # Ctrl-C while a command runs (the terminal is not in raw mode then) cancels it
+        loop.add_signal_handler(signal.SIGINT, lambda: _interrupt(session, stop))
     try:
+        await _warn_if_small(session)
         while not session.done:
-            reading = asyncio.ensure_future(next_line())
+            reading = asyncio.ensure_future(reader.next_line())
             await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not reading.done():
                 reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, _Interrupted, _Cancelled):
+                    await reading
                 break
-            line = reading.result()
+            try:
+                line = reading.result()
+            except _Cancelled:
+                interrupted = False
+                continue
+            except _Interrupted:
+                if interrupted:
+                    break
+                interrupted = True
+                session.say("(Ctrl-C again, or Ctrl-D, leaves)")
+                continue
+            interrupted = False
             if line is None:
                 out("\n")
                 break
-            await execute(commands, session, line)
+            await _run_command(commands, session, line)
     finally:
         stopping.cancel()
+        if interactive:
+            loop.add_signal_handler(signal.SIGINT, stop.set)  # as the CLI has it: SIGINT stops the node
         if not node.stopped:
             await node.leave()
+
+
+def _interrupt(session: Session, stop: asyncio.Event) -> None:
+    """SIGINT at a terminal: cancel the running command, or stop if none runs."""
+    if session.running is not None and not session.running.done():
+        session.running.cancel()
+    else:
+        stop.set()

@@ -40,6 +40,7 @@ from balancer.errors import (
     BalancerError,
     ConfigError,
     PeerUnreachableError,
+    QuorumError,
     TooLargeError,
     UnauthorizedError,
     UnknownMethodError,
@@ -94,7 +95,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 def _error(exc: BaseException) -> web.Response:
     kind = type(exc).__name__ if isinstance(exc, BalancerError) else "InternalError"
     message = str(exc) if isinstance(exc, BalancerError) else f"{type(exc).__name__}: {exc}"
-    return _json({"error": {"type": kind, "message": message}}, status_for(exc))
+    error: dict[str, Any] = {"type": kind, "message": message}
+    if isinstance(exc, QuorumError):  # how far a failed write got: it may still appear
+        error |= {"operation": exc.operation, "answered": exc.answered, "needed": exc.needed}
+    return _json({"error": error}, status_for(exc))
 
 
 def _error_middleware(*, body_limit: int) -> Middleware:
