@@ -6,12 +6,15 @@ files, and, for the scripts that start servers, ports, waits with a deadline and
 - Files: :func:`add_common_arguments` adds the options every script takes; :func:`write_json` saves a
   run's rows for a later ``--baseline``, and :class:`Baseline` finds each row of that earlier run again
   and renders it (or this run's figure over it, :func:`ratio`) as a table cell.
+- Inputs: :func:`make_keys` draws seeded keys; :func:`addresses` seeded node names for the in-process
+  network.
 - Processes: :class:`Fleet` starts server processes, each logging to its own file, and kills them all
   on exit; :func:`free_port` picks a port on 127.0.0.1; :func:`until` and :meth:`Fleet.wait_until` poll
   a condition until a deadline; :class:`BenchError` is a run that cannot be trusted, and :func:`failed`
   turns it (or an interrupt) into the exit status the scripts document.
 
-Every server these helpers start or reach listens on 127.0.0.1 only.
+Every server these helpers start or reach listens on 127.0.0.1 only (the names :func:`addresses` makes
+are never dialled).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ Row = Mapping[str, Any]
 
 
 class BenchError(Exception):
-    """A process of the benchmark failed to start or to run; the figures cannot be trusted."""
+    """A process of the benchmark failed to start or to run, or something it waited for did not happen in
+    time; the figures cannot be trusted."""
 
 
 # -- reports ---------------------------------------------------------------------------------------
