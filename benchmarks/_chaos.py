@@ -32,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from _harness import until
 
 PORT = 9000
 NODE_FLAGS = [
@@ -732,8 +733,8 @@ async def run_schedule(
             member = cluster.add(flags.get(i, []))
             member.start(join=cluster.members[0] if i else None)
             if i == 0:
-                await _wait(lambda: ring_settled(cluster.members[:1]), 30, "the first node")
-        await _wait(lambda: ring_settled(cluster.members), 60, "the ring to form")
+                await until(lambda: ring_settled(cluster.members[:1]), "the first node", 30, interval=0.3)
+        await until(lambda: ring_settled(cluster.members), "the ring to form", 60, interval=0.3)
         client = Client(cluster, workers=workers, keys_per_worker=keys_per_worker, seed=seed)
         await asyncio.gather(client.run(seconds), SCHEDULES[name](cluster, seconds, rng))
         cluster.heal()
@@ -747,15 +748,6 @@ async def run_schedule(
     finally:
         cluster.stop()
         net.close()
-
-
-async def _wait(check_: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if await check_():
-            return
-        await asyncio.sleep(0.3)
-    raise RuntimeError(f"{what} did not happen within {limit:g} s")
 
 
 def dump(history: list[Op], path: Path) -> None:

@@ -55,7 +55,6 @@ import asyncio
 import bisect
 import heapq
 import itertools
-import json
 import math
 import random
 import statistics
@@ -66,7 +65,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from _report import table
+from _harness import Baseline, add_common_arguments, addresses, percentile, table, write_json
 
 from balancer.config import Config
 from balancer.hookspecs import Payload
@@ -118,20 +117,6 @@ class CheckFailed(Exception):
 
 
 # -- placement --------------------------------------------------------------------------------------
-
-
-def addresses(n: int, rng: random.Random) -> list[str]:
-    """``n`` distinct seeded process addresses whose first ids (hashes) are distinct too."""
-    seen: set[int] = set()
-    result: list[str] = []
-    while len(result) < n:
-        host = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-        address = f"{host}:{rng.randrange(1024, 65536)}"
-        ident = SPACE.id(address)
-        if ident not in seen:
-            seen.add(ident)
-            result.append(address)
-    return result
 
 
 def place(ring: Mapping[int, str], address: str, vnodes: int) -> list[int]:
@@ -561,12 +546,6 @@ async def hops(
     return counts, wrong
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile of ``values`` by nearest rank."""
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
-
-
 async def bench_live(
     processes: int, vnodes: Sequence[int], rounds: int, keys: Sequence[str], lookups: int, seed: int
 ) -> list[dict[str, Any]]:
@@ -621,18 +600,6 @@ def row_key(row: Mapping[str, Any]) -> str:
     return f"{row['section']}/{row['n']}/{row['v']}"
 
 
-def versus(
-    row: Mapping[str, Any],
-    baseline: Mapping[str, Mapping[str, Any]],
-    render: Callable[[Mapping[str, Any]], str],
-) -> list[str]:
-    """The baseline's figure for this row, as one extra cell (none without a baseline)."""
-    if not baseline:
-        return []
-    old = baseline.get(row_key(row))
-    return [render(old)] if old is not None else ["-"]
-
-
 def pair(values: Sequence[float] | None) -> tuple[str, str]:
     """(max/mean, CV) cells."""
     return ("-", "-") if values is None else (f"{values[0]:.3f}", f"{values[1]:.3f}")
@@ -661,7 +628,7 @@ def ideal_leave(row: Mapping[str, Any]) -> float:
     return 1 / int(row["n"])
 
 
-def print_balance(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]) -> None:
+def print_balance(rows: Sequence[Mapping[str, Any]], baseline: Baseline) -> None:
     """Table 1: keys per process."""
     head = [
         "N",
@@ -692,7 +659,7 @@ def print_balance(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapp
                 *(pair(row["uhashring_spread"]) if first else ("", "")),
                 *(pair(row["floor_spread"]) if first else ("", "")),
                 balance_mark(row),
-                *versus(row, baseline, lambda old: f"{old['spread'][0]:.3f}"),
+                *baseline.column(row, lambda old: f"{old['spread'][0]:.3f}"),
             ]
         )
     keys = rows[0]["keys"] if rows else 0
@@ -706,7 +673,7 @@ def print_balance(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapp
     table(head, lines)
 
 
-def print_moved(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]) -> None:
+def print_moved(rows: Sequence[Mapping[str, Any]], baseline: Baseline) -> None:
     """Table 2: keys moved by a join and by a leave."""
     head = [
         "N",
@@ -749,9 +716,8 @@ def print_moved(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mappin
                 "yes" if within(join) and within(leave) else "no",
                 f"{row['random_join'] / ideal_join(row):.2f} / {row['random_leave'] / ideal_leave(row):.2f}",
                 peer,
-                *versus(
+                *baseline.column(
                     row,
-                    baseline,
                     lambda old: (
                         f"{old['moved_join'] / ideal_join(old):.2f} / "
                         f"{old['moved_leave'] / ideal_leave(old):.2f}"
@@ -772,7 +738,7 @@ def print_moved(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mappin
 def print_traffic(
     live: Sequence[Mapping[str, Any]],
     keyed: Sequence[Mapping[str, Any]],
-    baseline: Mapping[str, Mapping[str, Any]],
+    baseline: Baseline,
 ) -> None:
     """Table 3: maintenance traffic, measured on the live ring and predicted from placement."""
     if live:
@@ -803,7 +769,7 @@ def print_traffic(
                 f"{predicted(r):.1f}",
                 f"{r['top_share']:.3f}",
                 f"{r['build_s']:.1f}",
-                *versus(r, baseline, lambda old: f"{old['rpcs']:.1f}"),
+                *baseline.column(r, lambda old: f"{old['rpcs']:.1f}"),
             ]
             for r in live
         ]
@@ -853,7 +819,7 @@ def predicted(row: Mapping[str, Any]) -> float:
     return 2 * successors / PERIODS["stabilize"] + predecessors / PERIODS["check_predecessor"]
 
 
-def print_hops(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]) -> None:
+def print_hops(rows: Sequence[Mapping[str, Any]], baseline: Baseline) -> None:
     """Table 4: lookup hops on the live ring."""
     head = [
         "processes",
@@ -877,7 +843,7 @@ def print_hops(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping
             f"{r['target']:.2f}",
             f"{r['ratio']:.2f}",
             f"{r['hops_warm']:.2f}",
-            *versus(r, baseline, lambda old: f"{old['hops']:.2f}"),
+            *baseline.column(r, lambda old: f"{old['hops']:.2f}"),
         ]
         for r in rows
     ]
@@ -963,10 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--live-vnodes", help="V of the live rings (default 1,8,32; --quick 1,32)")
     parser.add_argument("--lookups", type=int, help="lookups per live ring (default 2000; --quick 200)")
     parser.add_argument("--rounds", type=int, help="maintenance rounds counted (default 32; --quick 8)")
-    parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--quick", action="store_true", help="a small run, in seconds")
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare with rows saved by --json")
+    add_common_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -979,16 +943,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (8 if quick else 32)
     if min(sizes, default=0) < 2 or processes < 2 or min([*vnodes, *live_vnodes], default=1) < 1:
         parser.error("ring sizes and --processes must be at least 2, vnodes at least 1")
-    baseline: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = {row_key(row): row for row in json.load(fh)}
+    baseline = Baseline.load(args.baseline, row_key)
 
     started = time.perf_counter()
     rng = random.Random(f"{args.seed}/keys")
     keys = [f"key:{rng.getrandbits(48):012x}" for _ in range(max(keys_count, 2 * lookups))]
     key_ids = sorted(SPACE.id(k) for k in keys[:keys_count])
-    order = addresses(max(sizes) + 1, random.Random(f"{args.seed}/addresses"))
+    order = addresses(max(sizes) + 1, random.Random(f"{args.seed}/addresses"), SPACE)
     print(
         f"{keys_count:,} keys, {SPACE.bits}-bit ids, seed {args.seed}, Python {sys.version.split()[0]}. "
         f"Sections 1-2: placement computed with balancer.vnodes' pure functions (incrementally; the first "
@@ -1018,9 +979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strict and not ok:
         status = 1
     print(f"\nsections 1-2 {keys_s:.0f} s, total runtime {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(keyed + live, fh, indent=1)
+    write_json(args.json, keyed + live)
     return status
 
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import random
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
+
+from _harness import Baseline, add_common_arguments, make_keys, ratio, table, write_json
 
 from balancer import BoundedLoadBalancer
 
@@ -155,35 +155,37 @@ def bench_uhashring(n: int, keys: Sequence[str]) -> dict[str, Any] | None:
     }
 
 
-def row_key(row: dict[str, Any]) -> str:
+def row_key(row: Mapping[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['n']}/{row['strategy']}/{row['c']}"
 
 
-def print_table(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """Print the rows as a Markdown table."""
-    head = (
-        "| n | strategy | c | peek/s idle | peek/s loaded | vs uhashring | max/mean | CV "
-        "| longest full run | moved on join | moved on leave | over capacity |"
-    )
-    if baseline:
-        head += " vs baseline |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    head = ["n", "strategy", "c", "peek/s idle", "peek/s loaded", "vs uhashring", "max/mean", "CV"]
+    head += ["longest full run", "moved on join", "moved on leave", "over capacity"]
+    head += ["vs baseline"] if baseline else []
     peer = {row["n"]: row["peek_idle"] for row in rows if row["strategy"].startswith("uhashring")}
+    lines = []
     for row in rows:
-        c = "inf" if row["c"] is None else f"{row['c']:g}"
-        ratio = f"{row['peek_idle'] / peer[row['n']]:.2f}x" if row["n"] in peer else "-"
-        run = "-" if row["full_run"] is None else str(row["full_run"])
-        line = (
-            f"| {row['n']} | {row['strategy']} | {c} | {row['peek_idle'] / 1e3:,.0f}k "
-            f"| {row['peek_loaded'] / 1e3:,.0f}k | {ratio} | {row['max_mean']:.3f} | {row['cv']:.3f} "
-            f"| {run} | {row['moved_join']:.2%} | {row['moved_leave']:.2%} | {row['over_capacity']} |"
-        )
+        line = [
+            str(row["n"]),
+            row["strategy"],
+            "inf" if row["c"] is None else f"{row['c']:g}",
+            f"{row['peek_idle'] / 1e3:,.0f}k",
+            f"{row['peek_loaded'] / 1e3:,.0f}k",
+            ratio(row["peek_idle"], peer.get(row["n"])),
+            f"{row['max_mean']:.3f}",
+            f"{row['cv']:.3f}",
+            "-" if row["full_run"] is None else str(row["full_run"]),
+            f"{row['moved_join']:.2%}",
+            f"{row['moved_leave']:.2%}",
+            str(row["over_capacity"]),
+        ]
         if baseline:
-            old = baseline.get(row_key(row))
-            line += f" {row['peek_idle'] / old['peek_idle']:.2f}x |" if old else " - |"
-        print(line, flush=True)
+            line.append(baseline.ratio(row, "peek_idle"))
+        lines.append(line)
+    table(head, lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,17 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", default="10,100,1000")
     parser.add_argument("--factors", default=",".join(map(str, FACTORS)))
     parser.add_argument("--vnodes", default="1,100", help="virtual nodes per node, one row set each")
-    parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare lookups/s with rows saved by --json")
+    add_common_arguments(parser, compare="lookups/s")
     args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
-    keys = [f"user:{rng.getrandbits(48):012x}" for _ in range(args.keys)]
+    keys = make_keys(args.keys, args.seed)
     factors = [float(f) for f in args.factors.split(",")]
-    baseline: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = {row_key(row): row for row in json.load(fh)}
+    baseline = Baseline.load(args.baseline, row_key)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for n in (int(x) for x in args.nodes.split(",")):
@@ -217,10 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(bench_balancer(n, keys, factor, probing, vnodes))
     print(f"{len(keys):,} keys, seed {args.seed}, Python {sys.version.split()[0]}\n")
     print_table(rows, baseline)
-    print(f"\n{time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    print(f"{time.perf_counter() - started:.0f} s")
+    write_json(args.json, rows)
     failures = sum(row["over_capacity"] for row in rows)
     return 1 if failures else 0
 

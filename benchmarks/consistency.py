@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _chaos import SCHEDULES, Outcome, run_schedule, unavailable
-from _report import table
+from _harness import sigterm_interrupts, table, write_json
 
 
 def row(outcome: Outcome) -> list[str]:
@@ -94,20 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # so that the harness removes its namespaces and processes
-
-    signal.signal(signal.SIGTERM, stop)
+    sigterm_interrupts()  # so that the harness removes its namespaces and processes
     outcomes = asyncio.run(run(args))
     print("All schedules:\n")
     table(HEAD, [row(o) for o in outcomes])
-    if args.json:
-        args.json.write_text(json.dumps([
-            {"schedule": o.schedule, "storage": o.storage, "replication": o.replication, "nodes": o.nodes,
-             "seconds": o.seconds, "converged": o.converged, **o.verdict.__dict__}
-            for o in outcomes
-        ], indent=1))  # fmt: skip
+    write_json(args.json, [
+        {"schedule": o.schedule, "storage": o.storage, "replication": o.replication, "nodes": o.nodes,
+         "seconds": o.seconds, "converged": o.converged, **o.verdict.__dict__}
+        for o in outcomes
+    ])  # fmt: skip
     bad = any(o.verdict.lost or o.verdict.stale or o.verdict.resurrected for o in outcomes)
     return 1 if bad else 0
 

@@ -15,7 +15,8 @@ Scenarios (each started fresh, every process killed at the end):
 4. ``suite`` (only with ``--suite-runs N``): the test suite N times in a row while two busy loops keep
    both cores busy; reports each run's outcome and duration.
 
-Exit status: 1 if a write was lost or failed, the idle node stopped answering, or a suite run failed.
+Exit status: 1 if a write was lost or failed, the idle node stopped answering, a suite run failed, or
+a node did not start or the ring did not settle in time.
 
 Run: python benchmarks/edges.py [--scenarios leave,poison,idle] [--writers 8] [--after 2]
      [--sockets 1100] [--idle-seconds 10] [--suite-runs 0] [--json out.json] [--baseline old.json]
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import random
 import resource
@@ -43,7 +43,18 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _report import table
+from _harness import (
+    HOST,
+    BenchError,
+    Fleet,
+    add_common_arguments,
+    failed,
+    free_port,
+    read_json,
+    table,
+    until,
+    write_json,
+)
 
 FAST = [
     "--stabilize-interval",
@@ -58,50 +69,29 @@ SOLO = ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Ring(Fleet):
+    """Node processes started by one scenario, each named by its address; killed on exit."""
 
-
-class Ring:
-    """Node processes started by one scenario; logs in a temporary folder."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, *args: str, join: str | None = None, nofile: int | None = None) -> str:
-        port = _free_port()
-        address = f"127.0.0.1:{port}"
+    def node(self, *args: str, join: str | None = None, nofile: int | None = None) -> str:
+        """Start a node that creates the ring, or joins it through ``join``, with an open-file limit of
+        ``nofile`` if given; its address."""
+        port = free_port()
+        address = f"{HOST}:{port}"
         where = ["--join", join] if join else ["--ring"]
-        log = self.logs / f"node-{port}.log"
         command = [sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *args]
 
         def limit() -> None:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
-        self.procs.append((address, process, log))
+        self.start(address, command, setup=limit)
         return address
-
-    def stop(self) -> None:
-        for _, process, _ in self.procs:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
 
 
 @contextmanager
 def _ring() -> Iterator[Ring]:
-    with tempfile.TemporaryDirectory(prefix="balancer-edges-") as folder:
-        ring = Ring(Path(folder))
-        try:
-            yield ring
-        finally:
-            ring.stop()
+    with tempfile.TemporaryDirectory(prefix="balancer-edges-") as folder, Ring(Path(folder)) as ring:
+        yield ring
 
 
 async def _status(http: aiohttp.ClientSession, address: str) -> dict[str, Any] | None:
@@ -123,25 +113,30 @@ async def _ring_view(http: aiohttp.ClientSession, address: str) -> dict[str, Any
 async def _settled(http: aiohttp.ClientSession, addresses: list[str], deadline: float = 60) -> None:
     """Wait (polling, bounded) until the first node's survey (``GET /ring``) finds the ring settled with
     exactly these processes, every one up: every vnode's successor list and predecessor exact."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+
+    async def settled() -> bool:
         view = await _ring_view(http, addresses[0])
-        if view is not None and view["settled"]:
-            states = {m["address"]: m["state"] for m in view["members"]}
-            if set(states) == set(addresses) and all(state == "up" for state in states.values()):
-                return
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"the ring of {len(addresses)} nodes did not settle in {deadline} s")
+        if view is None or not view["settled"]:
+            return False
+        states = {m["address"]: m["state"] for m in view["members"]}
+        return set(states) == set(addresses) and all(state == "up" for state in states.values())
+
+    await until(settled, f"the ring of {len(addresses)} nodes settling", deadline, interval=0.1)
+
+
+async def _answering(http: aiohttp.ClientSession, address: str) -> None:
+    """Wait (polling, bounded) until the node at ``address`` answers ``GET /status``."""
+
+    async def answers() -> bool:
+        return await _status(http, address) is not None
+
+    await until(answers, f"the node at {address} answering", 30)
 
 
 async def _form(http: aiohttp.ClientSession, ring: Ring, size: int, *args: str) -> list[str]:
-    first = ring.start(*args)
-    end = time.monotonic() + 30
-    while await _status(http, first) is None:
-        if time.monotonic() > end:
-            raise SystemExit("the first node did not start")
-        await asyncio.sleep(0.05)
-    addresses = [first] + [ring.start(*args, join=first) for _ in range(size - 1)]
+    first = ring.node(*args)
+    await _answering(http, first)
+    addresses = [first] + [ring.node(*args, join=first) for _ in range(size - 1)]
     await _settled(http, addresses)
     return addresses
 
@@ -151,7 +146,7 @@ async def leave(writers: int, after: float) -> dict[str, Any]:
     with _ring() as ring:
         async with aiohttp.ClientSession() as http:
             addresses = await _form(http, ring, 4, *SOLO)
-            _, leaver, _ = ring.procs[1]
+            leaver = ring.processes[addresses[1]]
             acked: dict[str, bytes] = {}
             window: list[str] = []  # acknowledged between the SIGTERM and the exit
             state = {"stop": False, "leaving": False}
@@ -183,7 +178,7 @@ async def leave(writers: int, after: float) -> dict[str, Any]:
             await asyncio.sleep(after)
             state["stop"] = True
             await asyncio.gather(*tasks)
-            rest = [a for a, p, _ in ring.procs if p.poll() is None]
+            rest = [a for a, p in ring.processes.items() if p.poll() is None]
             await _settled(http, rest)
             lost = 0
             for key, value in acked.items():
@@ -224,12 +219,8 @@ async def idle(sockets: int, seconds: float) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, sockets + 512)), hard))
     with _ring() as ring:
         async with aiohttp.ClientSession() as http:
-            address = ring.start(*SOLO, nofile=1024)
-            end = time.monotonic() + 30
-            while await _status(http, address) is None:
-                if time.monotonic() > end:
-                    raise SystemExit("the node did not start")
-                await asyncio.sleep(0.05)
+            address = ring.node(*SOLO, nofile=1024)
+            await _answering(http, address)
             host, port = address.split(":")
             loop = asyncio.get_running_loop()
             opened: list[socket.socket] = []
@@ -261,8 +252,7 @@ async def idle(sockets: int, seconds: float) -> dict[str, Any]:
             finally:
                 for sock in opened:
                     sock.close()
-            log = ring.procs[0][2]
-            text = log.read_bytes()
+            text = ring.log(address).read_bytes()
             return {
                 "status asked": asked,
                 "answered": answered,
@@ -306,20 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockets", type=int, default=1100)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--suite-runs", type=int, default=0)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--baseline", type=Path)
+    add_common_arguments(parser, seed=None, saved="figures")
     args = parser.parse_args(argv)
     chosen = set(args.scenarios.split(","))
     results: dict[str, Any] = {}
-    if "leave" in chosen:
-        results["leave"] = asyncio.run(leave(args.writers, args.after))
-    if "poison" in chosen:
-        results["poison"] = asyncio.run(poison())
-    if "idle" in chosen:
-        results["idle"] = asyncio.run(idle(args.sockets, args.idle_seconds))
+    try:
+        if "leave" in chosen:
+            results["leave"] = asyncio.run(leave(args.writers, args.after))
+        if "poison" in chosen:
+            results["poison"] = asyncio.run(poison())
+        if "idle" in chosen:
+            results["idle"] = asyncio.run(idle(args.sockets, args.idle_seconds))
+    except (BenchError, KeyboardInterrupt) as exc:
+        return failed(exc)
     if args.suite_runs:
         results["suite"] = suite(args.suite_runs)
-    baseline = json.loads(args.baseline.read_text()) if args.baseline else {}
+    baseline = read_json(args.baseline) if args.baseline else {}
     rows = []
     for scenario, figures in results.items():
         for name, value in figures.items():
@@ -332,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             old = baseline.get(scenario, {}).get(name, "")
             rows.append([scenario, name, str(value), str(old)])
     table(["scenario", "figure", "this run", "baseline"], rows)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results, indent=2)
     bad = (
         results.get("leave", {}).get("lost", 0)
         or results.get("poison", {}).get("failed", 0)

@@ -49,17 +49,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import json
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-from _report import table
+from _harness import Baseline, add_common_arguments, errors, table, write_json
 
 from balancer.config import Config
 from balancer.errors import BalancerError, KeyNotFoundError
@@ -675,33 +674,14 @@ def traffic_fields(traffic: Traffic) -> dict[str, Any]:
 # -- output -----------------------------------------------------------------------------------------
 
 
-def row_key(row: dict[str, Any]) -> str:
+def row_key(row: Mapping[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['section']}/{row['strategy']}/{row['variant']}"
-
-
-def versus(
-    row: dict[str, Any], baseline: dict[str, dict[str, Any]], name: str, fmt: str, scale: float = 1
-) -> list[str]:
-    """The baseline's value of ``name`` (times ``scale``) for this row, as one extra cell (none without a
-    baseline).
-    """
-    if not baseline:
-        return []
-    old = baseline.get(row_key(row))
-    if old is None or old.get(name) is None:
-        return ["-"]
-    return [format(old[name] * scale if scale != 1 else old[name], fmt)]
 
 
 def reached(rounds: int | None, seconds: float, limit: int) -> str:
     """``3 (0.41 s)``, or that the goal was not reached within ``limit`` rounds."""
     return f"NOT REACHED in {limit}" if rounds is None else f"{rounds} ({seconds:.2f} s)"
-
-
-def errors(raised: dict[str, int]) -> str:
-    """``RingError x3``-style summary of exceptions, or ``0``."""
-    return ", ".join(f"{name} x{k}" for name, k in sorted(raised.items())) or "0"
 
 
 def kb(count: int) -> str:
@@ -716,7 +696,7 @@ def reads_cell(row: dict[str, Any]) -> str:
     return f"{row['read_ok']:,} / {row['read_wrong']} / {row['read_missing']} / {errors(row['read_failed'])}"
 
 
-def print_durability(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The durability table."""
     head = [
         "strategy",
@@ -750,7 +730,7 @@ def print_durability(rows: list[dict[str, Any]], baseline: dict[str, dict[str, A
                 f"{kb(r['repair_bytes'])} ({kb(r['repair_kv_bytes'])})",
                 reads_cell(r),
                 str(r["lost"]) if "lost" in r else "-",
-                *versus(r, baseline, "rounds", "d"),
+                *baseline.figure(r, "rounds", "d"),
             ]
         )
     print(
@@ -762,7 +742,7 @@ def print_durability(rows: list[dict[str, Any]], baseline: dict[str, dict[str, A
     table(head, lines)
 
 
-def print_membership(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_membership(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The bytes-per-membership-change table."""
     head = [
         "strategy",
@@ -793,7 +773,7 @@ def print_membership(rows: list[dict[str, Any]], baseline: dict[str, dict[str, A
                 "-" if created is None else f"{created:,} / {r['copies_dropped']:,}",
                 f"{r['kv_bytes'] / created:,.0f}" if created else "-",
                 reads_cell(r),
-                *versus(r, baseline, "bytes", ",.1f", scale=1e-3),
+                *baseline.figure(r, "bytes", ",.1f", scale=1e-3),
             ]
         )
     print(
@@ -829,7 +809,7 @@ def summary(strategy: str, rows: list[dict[str, Any]]) -> str:
 # -- main -------------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, baseline: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+async def run(args: argparse.Namespace, baseline: Baseline) -> list[dict[str, Any]]:
     """Run both sections for every strategy, printing each table when it is done; returns the rows."""
     strategies = args.strategies.split(",")
     durability: list[dict[str, Any]] = []
@@ -854,9 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="replication strategies")
     parser.add_argument("--max-rounds", type=int, default=50, help="bound on repair rounds per phase")
     parser.add_argument("--max-sweeps", type=int, default=60, help="bound on stabilize sweeps per round")
-    parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare with rows saved by --json")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < N + 2:
         parser.error(f"--nodes must be at least {N + 2} (two nodes die and N must remain)")
@@ -870,11 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"r = {base_config(STRATEGIES[0]).successors}, seed {args.seed}, "
         f"Python {sys.version.split()[0]}\n"
     )
-    baseline: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = {row_key(row): row for row in json.load(fh)}
-    rows = asyncio.run(run(args, baseline))
+    rows = asyncio.run(run(args, Baseline.load(args.baseline, row_key)))
     for strategy in args.strategies.split(","):
         print(summary(strategy, rows))
     lost = sum(r.get("lost", 0) for r in rows)
@@ -887,9 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"protocol steps that raised: {errors(dict(step_errors))}")
     print(f"acknowledged writes lost: {lost}")
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
     return 1 if lost else 0
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the key-value HTTP API of ``balancer node`` processes, against a bare aiohttp application.
 
 Every server is its own process on 127.0.0.1; the load generator (wrk, else a Python client: see
-``benchmarks/middleware.py``, whose harness this script uses) keeps ``--connections`` (64) connections
+``benchmarks/middleware.py``, whose load harness this script uses) keeps ``--connections`` (64) connections
 busy for ``--seconds`` (10) per run, after a ``--warmup`` (1 s) whose figures are thrown away, walking
 ``--keys`` (1,000) seeded keys, and shares the machine's cores with the servers. Measured, in one run:
 
@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import string
 import subprocess
 import sys
@@ -49,28 +48,31 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _report import table
-from aiohttp import web
-from middleware import (
+from _harness import (
     HOST,
+    Baseline,
     BenchError,
     Fleet,
+    failed,
+    free_port,
+    http_get,
+    make_keys,
+    sigterm_interrupts,
+    table,
+    write_json,
+)
+from aiohttp import web
+from middleware import (
     Load,
     Measure,
     add_load_arguments,
     caveats,
     choose_client,
     describe_client,
-    free_port,
-    http_get,
-    make_keys,
     measure,
     measure_cells,
     measure_fields,
-    read_baseline,
     serve,
-    versus,
-    write_json,
 )
 
 HERE = Path(__file__).resolve()
@@ -220,7 +222,7 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
     return rows
 
 
-def print_rows(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_rows(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The table of every measurement."""
     head = ["server", "request", "quorums", "requests/s", "p50 ms", "p99 ms", "failed / requests"]
     head += ["CPU (100% = 1 core)", "/ bare"]
@@ -231,7 +233,7 @@ def print_rows(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) 
         ratio = "-" if each["ratio"] is None else f"{each['ratio']:.2f}"
         cells = [each["server"], each["method"], each["quorums"], *measure_cells(each), ratio]
         if baseline:
-            cells.append(versus(each, baseline.get(row_key(each))))
+            cells.append(baseline.ratio(each, "rps"))
         lines.append(cells)
     table(head, lines)
 
@@ -286,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         client = choose_client(args.client)
-        baseline = read_baseline(args.baseline, row_key)
+        baseline = Baseline.load(args.baseline, row_key)
         print(
             f"KV over HTTP: {args.connections} connections, {args.keys:,} keys, values of {args.value_bytes} "
             f"bytes, seed {args.seed}, {args.seconds:g} s per run after {args.warmup:g} s of warm-up, "
@@ -298,12 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for phase in ("bare", "node", "ring"):
                 (logs / phase).mkdir()
             rows = bench(args, client, logs)
-    except BenchError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM (see below): the servers are killed by now
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (BenchError, KeyboardInterrupt) as exc:  # SIGINT, or SIGTERM (see below): servers killed by now
+        return failed(exc)
     print_rows(rows, baseline)
     for line in caveats(rows, row_key):
         print(line)
@@ -314,5 +312,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated run still kills its servers
+    sigterm_interrupts()
     sys.exit(main())

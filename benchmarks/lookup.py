@@ -39,18 +39,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import json
 import math
 import random
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from _report import table
+from _harness import Baseline, add_common_arguments, addresses, errors, percentile, table, write_json
 
 from balancer.chord import Chord
 from balancer.keyspace import KeySpace
@@ -66,20 +65,6 @@ TARGET_SLACK = 1.15
 
 
 # -- rings ------------------------------------------------------------------------------------------
-
-
-def addresses(n: int, rng: random.Random) -> list[str]:
-    """``n`` seeded random addresses whose ids (hashes) are distinct."""
-    seen: set[int] = set()
-    result: list[str] = []
-    while len(result) < n:
-        host = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-        address = f"{host}:{rng.randrange(1024, 65536)}"
-        ident = SPACE.id(address)
-        if ident not in seen:
-            seen.add(ident)
-            result.append(address)
-    return result
 
 
 async def spawn(network: LocalNetwork, address: str) -> Chord:
@@ -201,14 +186,6 @@ class Oracle:
     def owner(self, ident: int) -> NodeInfo:
         """The live node that owns ``ident``: the first at or after it, clockwise."""
         return self.infos[bisect.bisect_left(self.ids, ident) % len(self.infos)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile of ``values`` by nearest rank (NaN when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,14 +419,9 @@ async def bench_failures(
 # -- output -----------------------------------------------------------------------------------------
 
 
-def row_key(row: dict[str, Any]) -> str:
+def row_key(row: Mapping[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['section']}/{row['n']}/{row['variant']}"
-
-
-def errors(raised: dict[str, int]) -> str:
-    """``RingError x3``-style summary of exceptions, or ``0``."""
-    return ", ".join(f"{name} x{k}" for name, k in sorted(raised.items())) or "0"
 
 
 def rounds(row: dict[str, Any]) -> str:
@@ -460,17 +432,7 @@ def rounds(row: dict[str, Any]) -> str:
     return f"{row['rounds_neighbours']} / {row['rounds']}"
 
 
-def versus(row: dict[str, Any], baseline: dict[str, dict[str, Any]], field: str, fmt: str) -> list[str]:
-    """The baseline's value of ``field`` for this row, as one extra cell (none without a baseline)."""
-    if not baseline:
-        return []
-    old = baseline.get(row_key(row))
-    if old is None or old.get(field) is None:
-        return ["-"]
-    return [format(old[field], fmt)]
-
-
-def print_hops(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_hops(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The hops table."""
     head = ["N", "routing", "lookups", "mean hops", "p99", "max", "0.5·log2 N", "mean / target", "correct"]
     head += ["fix_fingers lookups/node", "build s"] + (["baseline mean"] if baseline else [])
@@ -487,7 +449,7 @@ def print_hops(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) 
             f"{r['correct']:.1%}",
             f"{r['fix_lookups_per_node']:.1f}",
             f"{r['build_s']:.1f}",
-            *versus(r, baseline, "mean", ".2f"),
+            *baseline.figure(r, "mean", ".2f"),
         ]
         for r in rows
     ]
@@ -495,7 +457,7 @@ def print_hops(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) 
     table(head, lines)
 
 
-def print_joins(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]], sample: int) -> None:
+def print_joins(rows: list[dict[str, Any]], baseline: Baseline, sample: int) -> None:
     """The convergence table."""
     head = [
         "N",
@@ -521,7 +483,7 @@ def print_joins(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]],
             rounds(r),
             f"{r['repair_s']:.2f}",
             f"{r['rpcs_per_node_round']:.1f}",
-            *versus(r, baseline, "rounds", "d"),
+            *baseline.figure(r, "rounds", "d"),
         ]
         for r in rows
     ]
@@ -535,7 +497,7 @@ def print_joins(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]],
     table(head, lines)
 
 
-def print_failures(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_failures(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The failure table."""
     head = [
         "N",
@@ -571,7 +533,7 @@ def print_failures(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any
                     f"{r[f'{phase}_hops']:.2f}",
                     rounds(r) if phase == "after" else "-",
                     f"{r['repair_s']:.1f} + {r['fix_s']:.1f}" if phase == "after" else "-",
-                    *versus(r, baseline, f"{phase}_correct", ".1%"),
+                    *baseline.figure(r, f"{phase}_correct", ".1%"),
                 ]
             )
     print(
@@ -588,14 +550,12 @@ def print_failures(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any
 # -- main -------------------------------------------------------------------------------------------
 
 
-async def run(
-    args: argparse.Namespace, baseline: dict[str, dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[str]]:
+async def run(args: argparse.Namespace, baseline: Baseline) -> tuple[list[dict[str, Any]], list[str]]:
     """Run every section, printing each table as it is done; returns the rows and the notes."""
     sizes = [int(x) for x in args.sizes.split(",")]
     fractions = [float(x) for x in args.fractions.split(",")]
     # each size's ring depends on the seed and N only, so a run of some sizes matches a run of all
-    ring_addresses = {n: addresses(n, random.Random(f"{args.seed}/addresses/{n}")) for n in sizes}
+    ring_addresses = {n: addresses(n, random.Random(f"{args.seed}/addresses/{n}"), SPACE) for n in sizes}
     notes: list[str] = []
 
     hop_rows: list[dict[str, Any]] = []
@@ -649,20 +609,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--join-sample", type=int, default=8, help="members that stabilize after a join")
     parser.add_argument("--failure-max", type=int, default=4096, help="largest N for the failure section")
     parser.add_argument("--max-rounds", type=int, default=200, help="bound on stabilization rounds")
-    parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare with rows saved by --json")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     print(
         f"Chord on LocalNetwork(wire=False), m = {SPACE.bits}, r = {R}, seed {args.seed}, "
         f"Python {sys.version.split()[0]}\n"
     )
-    baseline: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = {row_key(row): row for row in json.load(fh)}
-    rows, notes = asyncio.run(run(args, baseline))
+    rows, notes = asyncio.run(run(args, Baseline.load(args.baseline, row_key)))
     status = 0
     target = [
         r for r in rows if r["section"] == "hops" and r["n"] == TARGET_N and r["variant"] == "fingers alone"
@@ -698,9 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(note)
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
     return status
 
 

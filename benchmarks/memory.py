@@ -34,22 +34,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
-import os
-import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _report import table
+from _harness import (
+    HOST,
+    BenchError,
+    Fleet,
+    add_common_arguments,
+    failed,
+    free_port,
+    machine,
+    ratio,
+    read_json,
+    table,
+    until,
+    write_json,
+)
 
 from balancer.config import Config
 from balancer.node import Node
@@ -58,7 +65,6 @@ from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 from balancer.survey import exact
 from balancer.types import Record, Version
 
-HOST = "127.0.0.1"
 WRITER = 1  # the writer id every record is stamped with
 TICK = 0.001  # seconds the ticker sleeps between wake-ups
 
@@ -80,13 +86,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def free_port() -> int:
-    """A port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 async def stored(http: aiohttp.ClientSession, address: str) -> int | None:
     """The node's record count from ``/status``, or ``None`` while it does not answer."""
     try:
@@ -98,19 +97,16 @@ async def stored(http: aiohttp.ClientSession, address: str) -> int | None:
         return None
 
 
-async def wait_for(
-    http: aiohttp.ClientSession, address: str, count: int, proc: subprocess.Popen[bytes]
-) -> None:
-    """Poll ``/status`` until the node reports at least ``count`` records (or a deadline passes)."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the node exited with status {proc.returncode}")
+async def wait_for(http: aiohttp.ClientSession, address: str, count: int, fleet: Fleet) -> None:
+    """Poll ``/status`` until the node reports at least ``count`` records (:class:`BenchError` if it
+    exits, or after 600 s)."""
+
+    async def enough() -> bool:
+        fleet.check()
         found = await stored(http, address)
-        if found is not None and found >= count:
-            return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"the node did not report {count} records in time")
+        return found is not None and found >= count
+
+    await until(enough, f"the node reporting {count:,} records", 600, interval=0.1)
 
 
 async def load(http: aiohttp.ClientSession, address: str, args: argparse.Namespace) -> float:
@@ -140,31 +136,21 @@ async def measure_rss(args: argparse.Namespace, folder: Path) -> dict[str, float
     address = f"{HOST}:{port}"
     command = [sys.executable, "-m", "balancer", "node", "--ring", "--port", str(port), "--no-plugins"]
     command += ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
-    with (folder / "node.log").open("wb") as log:
-        # started before anything else runs on this loop: nothing waits while Popen forks
-        # in a folder of its own: ``-m`` puts the working folder first on sys.path, and a checkout's
-        # package there would win over the one on PYTHONPATH
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            command, cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            await wait_for(http, address, 0, proc)
-            before = rss_mb(proc.pid)
-            seconds = await load(http, address, args)
-            await wait_for(http, address, args.records, proc)
-            after = rss_mb(proc.pid)
-    except BaseException:
-        sys.stderr.write((folder / "node.log").read_text()[-4000:])
-        raise
-    finally:
-        proc.terminate()
+    with Fleet(folder) as fleet:
+        # started before anything else runs on this loop: nothing waits while Popen forks; in the
+        # fleet's folder, so that PYTHONPATH picks the code measured (see Fleet.start)
+        node = fleet.start("node", command)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                await wait_for(http, address, 0, fleet)
+                before = rss_mb(node.pid)
+                seconds = await load(http, address, args)
+                await wait_for(http, address, args.records, fleet)
+                after = rss_mb(node.pid)
+        except BaseException:
+            print(fleet.tail("node", 40), file=sys.stderr)
+            raise
     return {
         "rss idle": before,
         "rss loaded": after,
@@ -278,7 +264,7 @@ UNITS = {
 """Each figure's label and unit, in the order printed."""
 
 
-def print_table(figures: dict[str, float], baseline: dict[str, float]) -> None:
+def print_table(figures: Mapping[str, float], baseline: Mapping[str, float]) -> None:
     """Print the figures as a Markdown table."""
     head = ["figure", "value", "unit", *(["vs baseline"] if baseline else [])]
     lines = []
@@ -289,8 +275,7 @@ def print_table(figures: dict[str, float], baseline: dict[str, float]) -> None:
         whole = unit == "count" or abs(value) >= 100
         line = [label, f"{value:,.0f}" if whole else f"{value:,.2f}", unit]
         if baseline:
-            old = baseline.get(name)
-            line.append(f"{value / old:.3g}x" if old else "-")
+            line.append(ratio(value, baseline.get(name), ".3g"))
         lines.append(line)
     table(head, lines)
 
@@ -315,30 +300,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2048, help="records per kv.store request")
     parser.add_argument("--ring-nodes", type=int, default=3, help="nodes of the in-process ring")
     parser.add_argument("--only", choices=["rss", "stall"], help="run only one of the measurements")
-    parser.add_argument("--seed", type=int, default=20261129)
-    parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--baseline", help="compare with figures saved by --json")
+    add_common_arguments(parser, seed=20261129, saved="figures")
     args = parser.parse_args(argv)
     if args.records < 1 or args.key_bytes < 1 or args.value_bytes < 0:
         parser.error("--records and --key-bytes must be positive, --value-bytes non-negative")
     if not 1 <= args.batch <= 4096 or args.ring_nodes < 1:
         parser.error("--batch must be in [1, 4096] and --ring-nodes positive")
-    baseline: dict[str, float] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = json.load(fh)
+    baseline: dict[str, float] = read_json(args.baseline) if args.baseline else {}
     print(
         f"{args.records:,} records of {args.key_bytes}-byte keys and {args.value_bytes}-byte values, seed "
-        f"{args.seed}; {os.cpu_count()} cores, Python {sys.version.split()[0]}, {platform.system()} "
-        f"{platform.release()}, {datetime.date.today()}\n"
+        f"{args.seed}; {machine()}\n"
     )
     started = time.perf_counter()
-    figures = asyncio.run(run(args))
+    try:
+        figures = asyncio.run(run(args))
+    except (BenchError, KeyboardInterrupt) as exc:
+        return failed(exc)
     print_table(figures, baseline)
     print(f"{time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=1)
+    write_json(args.json, figures)
     return 0
 
 

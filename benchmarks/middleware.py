@@ -25,8 +25,9 @@ connection). Every process is on 127.0.0.1 and the client shares the machine's c
 which the header line says. Latency percentiles of several generators are merged by weighting each
 generator's quantiles with its request count.
 
-This file is also the load harness of ``benchmarks/http_kv.py``: server processes, load generators,
-quantile merging, tables and the ``--json``/``--baseline`` files.
+This file is also the load harness of ``benchmarks/http_kv.py``: load generators, quantile merging, the
+CPU each group of processes used, and the cells of those figures; what every benchmark shares (server
+processes, ports, tables, the ``--json``/``--baseline`` files) is in ``benchmarks/_harness.py``.
 
 Backend and front-door ports are drawn from the seed, so which backend owns which key repeats.
 
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -50,159 +50,50 @@ import random
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
-from _report import table
+from _harness import (
+    HOST,
+    Baseline,
+    BenchError,
+    Fleet,
+    add_common_arguments,
+    failed,
+    free_port,
+    make_keys,
+    sigterm_interrupts,
+    table,
+    write_json,
+)
 from aiohttp import web
 
 from balancer import BoundedLoadBalancer
 from balancer.middleware import setup_routing
 
 HERE = Path(__file__).resolve()
-HOST = "127.0.0.1"
 QUANTILES = 1000
 """Latencies each load generator reports: at 0.1 %, 0.2 %, ..., 100 % of its requests."""
 RESULT_TAG = "LOAD-RESULT "
 """Prefix of the one line of JSON a load generator prints its result on."""
 MAX_REQUESTS = 10_000_000
 """Bound on the requests one Python load-generator connection sends, whatever the duration."""
-START_TIMEOUT = 30.0
-"""Seconds a server process may take to answer after it is started."""
 
 
-class BenchError(Exception):
-    """A process of the benchmark failed to start or to run; the figures cannot be trusted."""
-
-
-# -- server processes ----------------------------------------------------------------------------
-
-
-def free_port(rng: random.Random) -> int:
-    """A port nothing listens on right now, on 127.0.0.1, drawn from ``rng``.
-
-    Seeded ports make a run's addresses, and so the owners of the keys (hashed with the addresses),
-    the same from one run to the next. They are drawn below Linux's ephemeral range (32768 and up) so no
-    client connection holds them; after 100 taken ones the kernel picks.
-    """
-    for _ in range(100):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as sock:
-            # as the servers bind (asyncio's default): a port whose last connections are in TIME_WAIT is free
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+# -- servers and their CPU -----------------------------------------------------------------------
 
 
 def serve(app: web.Application, port: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Run ``app`` on 127.0.0.1:``port`` until the process is killed (server roles of these scripts),
     on ``loop`` if given (a uvloop loop, say)."""
     web.run_app(app, host=HOST, port=port, print=None, access_log=None, loop=loop)
-
-
-# urllib, not aiohttp: polling is synchronous, and no proxy from the environment may stand in between
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
-    """Status and body of ``GET url``, or None when nothing answers."""
-    try:
-        with _OPENER.open(url, timeout=timeout) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
-    except (urllib.error.URLError, OSError, TimeoutError):
-        return None
-
-
-class Fleet:
-    """The server processes of one benchmark phase; a context manager that kills them all on exit.
-
-    Each process logs to its own file under ``logs``; the tail of the log is in the error raised when a
-    process dies or does not answer.
-    """
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start ``command`` as the process called ``name``."""
-        with (self.logs / f"{name}.log").open("wb") as log:
-            # run from the log folder: `python -m` puts the working directory first on sys.path, where
-            # nothing of the caller's may shadow a module
-            process = subprocess.Popen(
-                list(command), cwd=self.logs, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.processes[name] = process
-        return process
-
-    def tail(self, name: str, lines: int = 15) -> str:
-        """The last lines of a process's log."""
-        path = self.logs / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check(self) -> None:
-        """Raise :class:`BenchError` if a process has exited."""
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise BenchError(f"{name} exited with status {process.returncode}:\n{self.tail(name)}")
-
-    def wait_until(self, check: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
-        """Poll ``check`` until it holds; :class:`BenchError` after ``timeout`` s or if a process died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check()
-            if check():
-                return
-            time.sleep(0.05)  # polling other processes, with a deadline
-        raise BenchError(f"{what} did not happen within {timeout:g} s")
-
-    def wait_answering(self, name: str, url: str) -> None:
-        """Wait until ``GET url`` on the process ``name`` answers 200."""
-
-        def answers() -> bool:
-            reply = http_get(url, timeout=0.5)
-            return reply is not None and reply[0] == 200
-
-        self.wait_until(answers, f"{name} answering {url}")
-
-    def close(self) -> None:
-        """Kill every process still running and reap them all."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-        for process in self.processes.values():
-            # one that will not die within 10 s is left to the OS rather than hang the benchmark
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -569,21 +460,6 @@ def caveats(rows: Sequence[Mapping[str, Any]], name: Callable[[Mapping[str, Any]
     return lines
 
 
-def read_baseline(path: str | None, key: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, Any]]:
-    """Rows saved by an earlier ``--json``, by ``key``; empty without a path."""
-    if not path:
-        return {}
-    with open(path) as fh:
-        return {key(row): row for row in json.load(fh)}
-
-
-def versus(row: Mapping[str, Any], old: Mapping[str, Any] | None, name: str = "rps") -> str:
-    """This row's ``name`` relative to the baseline row's, as one cell."""
-    if old is None or not old.get(name):
-        return "-"
-    return f"{row[name] / old[name]:.2f}x"
-
-
 def measure_fields(m: Measure) -> dict[str, Any]:
     """A :class:`Measure` as JSON-safe row fields."""
     return {
@@ -613,29 +489,11 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, keys: int) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured run before each (0: none)")
     parser.add_argument("--keys", type=int, default=keys, help="distinct keys requested")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto", help="load generator")
-    parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare requests/s with rows saved by --json")
+    add_common_arguments(parser, compare="requests/s")
     # the roles the script plays in its own child processes
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-
-
-def make_keys(count: int, seed: int) -> list[str]:
-    """``count`` distinct seeded keys."""
-    rng = random.Random(seed)
-    keys: dict[str, None] = {}
-    while len(keys) < count:
-        keys[f"user:{rng.getrandbits(48):012x}"] = None
-    return list(keys)
-
-
-def write_json(path: str | None, rows: list[dict[str, Any]]) -> None:
-    """Save the rows for a later ``--baseline``."""
-    if path:
-        with open(path, "w") as fh:
-            json.dump(rows, fh, indent=1)
 
 
 # -- this benchmark ------------------------------------------------------------------------------
@@ -733,7 +591,7 @@ def bench(args: argparse.Namespace, client: str, logs: Path) -> list[dict[str, A
     return rows
 
 
-def print_rows(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_rows(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The table of every measurement."""
     head = [
         "concurrency",
@@ -753,9 +611,7 @@ def print_rows(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) 
         cells = [str(row["concurrency"]), row["path"], *measure_cells(row)]
         cells.append("-" if ratio is None else f"**{ratio:.2f}**")
         if baseline:
-            old = baseline.get(row_key(row))
-            cells.append(versus(row, old))
-            cells.append("-" if old is None or old.get("ratio") is None else f"{old['ratio']:.2f}")
+            cells += [baseline.ratio(row, "rps"), *baseline.figure(row, "ratio", ".2f")]
         lines.append(cells)
     table(head, lines)
 
@@ -780,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         client = choose_client(args.client)
-        baseline = read_baseline(args.baseline, row_key)
+        baseline = Baseline.load(args.baseline, row_key)
         print(
             f"Routing middleware: 3 backend processes (aiohttp, JSON on /items/{{key}}), a front door with "
             f"setup_routing(balancer=BoundedLoadBalancer(backends)); {args.keys:,} keys, seed {args.seed}, "
@@ -788,12 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="balancer-bench-") as logs:
             rows = bench(args, client, Path(logs))
-    except BenchError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM (see below): the servers are killed by now
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (BenchError, KeyboardInterrupt) as exc:  # SIGINT, or SIGTERM (see below): servers killed by now
+        return failed(exc)
     print_rows(rows, baseline)
     for line in caveats(rows, row_key):
         print(line)
@@ -816,5 +668,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated run still kills its servers
+    sigterm_interrupts()
     sys.exit(main())

@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from _report import table
+from _harness import Baseline, add_common_arguments, machine, percentile, ratio, table, write_json
 
 from balancer.hookspecs import Storage
 from balancer.plugins.memory_storage import MemoryStorage
@@ -72,12 +68,6 @@ def file_system(path: Path) -> str:
         if resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"):
             best, kind = parts[1], parts[2]
     return kind
-
-
-def percentile(samples: Sequence[float], share: float) -> float:
-    """The ``share`` quantile of ``samples`` (nearest rank)."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
 async def measure(store: Storage, records: Sequence[Record], concurrency: int) -> tuple[float, list[float]]:
@@ -121,19 +111,18 @@ async def bench(name: str, root: Path, args: argparse.Namespace, concurrency: in
     }
 
 
-def row_key(row: dict[str, Any]) -> str:
+def row_key(row: Mapping[str, Any]) -> str:
     """Identifies a row across runs, for baseline comparison."""
     return f"{row['storage']}/{row['concurrency']}"
 
 
-def print_table(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """Print the rows as a Markdown table."""
     plain = {r["concurrency"]: r["rate"] for r in rows if r["storage"] == "sqlite"}
     head = ["storage", "puts in flight", "puts", "puts/s", "p50 ms", "p99 ms", "vs sqlite"]
     head += ["vs baseline"] if baseline else []
     lines = []
     for r in rows:
-        ratio = f"{r['rate'] / plain[r['concurrency']]:.2f}x" if r["concurrency"] in plain else "-"
         line = [
             r["storage"],
             str(r["concurrency"]),
@@ -141,11 +130,10 @@ def print_table(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]])
             f"{r['rate']:,.0f}",
             f"{r['p50'] * 1e3:.3f}",
             f"{r['p99'] * 1e3:.3f}",
-            ratio,
+            ratio(r["rate"], plain.get(r["concurrency"])),
         ]
         if baseline:
-            old = baseline.get(row_key(r))
-            line.append(f"{r['rate'] / old['rate']:.2f}x" if old else "-")
+            line.append(baseline.ratio(r, "rate"))
         lines.append(line)
     table(head, lines)
 
@@ -167,29 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--concurrency", default="1,16", help="puts in flight, one row set each")
     parser.add_argument("--dir", help="folder to create the databases in (default: the temporary folder)")
-    parser.add_argument("--seed", type=int, default=20261129)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare puts/s with rows saved by --json")
+    add_common_arguments(parser, seed=20261129, compare="puts/s")
     args = parser.parse_args(argv)
     if args.puts < 1 or args.value_bytes < 0:
         parser.error("--puts must be positive and --value-bytes non-negative")
-    baseline: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        with open(args.baseline) as fh:
-            baseline = {row_key(row): row for row in json.load(fh)}
+    baseline = Baseline.load(args.baseline, row_key)
     root = Path(args.dir or tempfile.gettempdir())
     print(
         f"{args.puts:,} puts of {args.value_bytes} bytes, seed {args.seed}; {root} on "
-        f"{file_system(root)}; {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-        f"{platform.system()} {platform.release()}, {datetime.date.today()}\n"
+        f"{file_system(root)}; {machine()}\n"
     )
     started = time.perf_counter()
     rows = asyncio.run(run(args))
     print_table(rows, baseline)
     print(f"{time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

@@ -66,16 +66,25 @@ from importlib.metadata import version
 from typing import Any
 
 import kademlia
-from _report import table
+from _harness import (
+    HOST,
+    Baseline,
+    BenchError,
+    add_common_arguments,
+    failed,
+    make_keys,
+    percentile,
+    table,
+    until,
+    write_json,
+)
 from kademlia.network import Server
 from kademlia.utils import digest
-from middleware import make_keys, read_baseline, versus, write_json
 
 import balancer
 from balancer import Config, Node
 from balancer.errors import BalancerError
 
-HOST = "127.0.0.1"
 OP_TIMEOUT = 30.0
 """Seconds one operation may take before it counts as failed."""
 START_TIMEOUT = 60.0
@@ -88,10 +97,6 @@ SPEED_TARGET = 2.0
 
 Op = Callable[[str, bytes], Awaitable[bool]]
 """One operation on one key: True if it did what was asked (a set stored, a get returned ``value``)."""
-
-
-class StartError(Exception):
-    """A system did not start, or did not settle in time: its figures would mean nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +153,6 @@ def remote_step(keys: Sequence[str]) -> Step:
 # -- timing ---------------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0 < q <= 1) of already sorted values, nearest rank; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
-
-
 async def timed(op: Op, work: Sequence[tuple[str, bytes]], concurrency: int) -> Timing:
     """Run ``op`` on every (key, value) of ``work`` with ``concurrency`` operations in flight.
 
@@ -181,7 +179,6 @@ async def timed(op: Op, work: Sequence[tuple[str, bytes]], concurrency: int) -> 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - began
-    latencies.sort()
     return Timing(
         ops=len(latencies) / seconds if seconds > 0 else math.nan,
         p50_ms=percentile(latencies, 0.50) * 1000,
@@ -202,15 +199,6 @@ async def run_steps(
         work = [(key, values[key][step.round]) for key in keys]
         timings.append(await timed(op, work, step.concurrency))
     return timings
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = START_TIMEOUT) -> None:
-    """Poll ``check`` until it holds; :class:`StartError` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise StartError(f"{what} did not happen within {timeout:g} s")
-        await asyncio.sleep(POLL)
 
 
 # -- balancer -------------------------------------------------------------------------------------
@@ -263,9 +251,14 @@ async def balancer_ring(
                 node = Node(config, join=nodes[0].address if nodes else None)
                 stack.push_async_callback(node.close)
                 nodes.append(await node.start())
-            await until(lambda: balancer_settled(nodes), f"the {count}-node balancer ring settling")
+            await until(
+                lambda: balancer_settled(nodes),
+                f"the {count}-node balancer ring settling",
+                START_TIMEOUT,
+                interval=POLL,
+            )
         except (BalancerError, OSError) as exc:
-            raise StartError(f"balancer: {exc!r}") from exc
+            raise BenchError(f"balancer: {exc!r}") from exc
         first = nodes[0]
         yield System(set=functools.partial(balancer_set, first), get=functools.partial(balancer_get, first))
 
@@ -313,9 +306,9 @@ async def kademlia_network(count: int, seed: int) -> AsyncIterator[System]:
             async def known() -> bool:
                 return all(len(s.protocol.router.find_neighbors(s.node)) == count - 1 for s in servers)
 
-            await until(known, f"the {count} kademlia routing tables filling")
+            await until(known, f"the {count} kademlia routing tables filling", START_TIMEOUT, interval=POLL)
         except OSError as exc:
-            raise StartError(f"kademlia: {exc!r}") from exc
+            raise BenchError(f"kademlia: {exc!r}") from exc
         first = servers[0]
         yield System(
             set=functools.partial(kademlia_set, first),
@@ -399,7 +392,7 @@ def cells(row: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def print_rows(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping[str, Any]]) -> None:
+def print_rows(rows: Sequence[Mapping[str, Any]], baseline: Baseline) -> None:
     """One table: each operation's figures for both systems side by side, and their ratio."""
     found = {row_key(r): r for r in rows}
     head = ["operation"]
@@ -416,7 +409,7 @@ def print_rows(rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Mapping
         ratio = row["ops"] / other["ops"] if other["ops"] else math.nan
         line = [row["operation"], *cells(row), *cells(other), f"**{ratio:.2f}x**"]
         if baseline:
-            line += [versus(each, baseline.get(row_key(each)), "ops") for each in (row, other)]
+            line += [baseline.ratio(each, "ops") for each in (row, other)]
         lines.append(line)
     table(head, lines)
 
@@ -462,14 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="asyncio",
         help="the event loop both systems run on (uvloop: pip install 'balancer[fast]')",
     )
-    parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--baseline", help="compare ops/s with rows saved by --json")
+    add_common_arguments(parser, compare="ops/s")
     args = parser.parse_args(argv)
     if min(args.keys, args.value_bytes, args.concurrency, args.warmup) < 1 or args.nodes < 2:
         parser.error("--keys, --value-bytes, --concurrency and --warmup must be positive, --nodes at least 2")
     started = time.perf_counter()
-    baseline = read_baseline(args.baseline, row_key)
+    baseline = Baseline.load(args.baseline, row_key)
     print(
         f"balancer against kademlia: {args.nodes} nodes each in one process, every operation through "
         f"node 0, {args.keys:,} keys, values of {args.value_bytes} bytes, {args.concurrency} in flight "
@@ -484,12 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             factory = uvloop.new_event_loop
         with asyncio.Runner(loop_factory=factory) as runner:
             rows, held = runner.run(bench(args))
-    except StartError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (BenchError, KeyboardInterrupt) as exc:
+        return failed(exc)
     print_rows(rows, baseline)
     print(
         f"kademlia's node 0 stores {held:,} of the {args.keys:,} keys itself ({held / args.keys:.0%}) and "
