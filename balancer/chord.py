@@ -314,6 +314,7 @@ class Chord:
         last, last_successors = self.info, list(self.successors)
         answer: wire.FindStepAnswer | None
         hops = 0
+        path: list[str] = []  # the processes that answered, in order
         detector = self.detector
         while candidates and len(tried) < 4 * self.space.bits + self.r:
             node = candidates.pop(0)
@@ -326,7 +327,7 @@ class Chord:
                     s for s in last_successors if s.address not in dead and not detector.suspect(s.address)
                 ]
                 if alive and in_interval(ident, last.id, alive[0].id, size, right_closed=True):
-                    return Lookup(alive[0], hops, tuple(alive))
+                    return Lookup(alive[0], hops, tuple(alive), tuple(path))
             if node.address not in tried:
                 tried.add(node.address)
                 try:
@@ -346,14 +347,15 @@ class Chord:
                     and alive
                     and in_interval(ident, last.id, alive[0].id, size, right_closed=True)
                 ):
-                    return Lookup(alive[0], hops, tuple(alive))
+                    return Lookup(alive[0], hops, tuple(alive), tuple(path))
                 continue
             hops += 1
+            path.append(node.address)
             successors = _nodes(answer.successors)
             if answer.done and successors:
                 if on_done is not None:
                     on_done(answer.after, successors)
-                return Lookup(successors[0], hops, tuple(successors))
+                return Lookup(successors[0], hops, tuple(successors), tuple(path))
             # the answer's successors are those of its vnode ``after`` (the process's closest one to the
             # key), which may be another vnode of the process asked than ``node``
             anchor = node if answer.after is None else NodeInfo(answer.after, node.address)

@@ -58,12 +58,15 @@ class Route:
     """An extra HTTP endpoint a plugin serves on every node (``GET /metrics``, say).
 
     ``handler()`` returns ``(status, content type, body)``; transports without HTTP ignore routes. With an
-    API token set, the endpoint needs it as ``/status`` does (Prometheus sends one with ``authorization``).
+    API token set, the endpoint needs it as ``/status`` does (Prometheus sends one with ``authorization``),
+    unless it is ``public``: a page that holds no data itself (the ``/ui`` page, whose requests for data
+    carry the token).
     """
 
     method: str
     path: str
     handler: Callable[[], Awaitable[tuple[int, str, bytes]]]
+    public: bool = False
 
 
 class PublicApi(ABC):
@@ -92,6 +95,13 @@ class PublicApi(ABC):
     async def ring_view(self) -> Payload:
         """Every member of the ring with its state, vnodes, weight, records and share, and whether the
         ring has settled, as JSON-safe data (``GET /ring``); a server without a ring has none (404)."""
+        from balancer.errors import UnknownMethodError
+
+        raise UnknownMethodError("this server is not a ring member")
+
+    async def lookup_view(self, key: str) -> Payload:
+        """Where ``key`` lives: its ring id, its owner, the lookup's hops and the processes that answered
+        them, its replicas and stand-ins, as JSON-safe data (``GET /lookup/<key>``); 404 without a ring."""
         from balancer.errors import UnknownMethodError
 
         raise UnknownMethodError("this server is not a ring member")

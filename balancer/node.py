@@ -623,6 +623,24 @@ class Node(PublicApi):
         finally:
             self._view_survey = None
 
+    async def lookup_view(self, key: str) -> Payload:
+        """Where ``key`` lives, as JSON-safe data (``GET /lookup/<key>``): its ring id, its owner (a vnode),
+        the lookup's hops and ``path`` (this node, then each process that answered), and its replica set
+        and stand-ins as this node places it now."""
+        data = self.kv.encode_key(key)
+        found = await self.lookup(data)
+        replicas, standins = await self.kv.replica_set(data)
+        bits = self.space.bits
+        return {
+            "key": key,
+            "id": format_id(self.space.id(data), bits),
+            "owner": {"address": found.owner.address, "id": format_id(found.owner.id, bits)},
+            "hops": found.hops,
+            "path": [self.address, *found.path],
+            "replicas": [n.address for n in replicas],
+            "standins": [n.address for n in standins],
+        }
+
     async def status(self) -> Payload:
         """The node's view of the ring and its record count, as JSON-safe data (``GET /status``)."""
         view = self.view()

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "balancer.plugins.sqlite_storage",
     "balancer.plugins.replication",
     "balancer.plugins.repl",
+    "balancer.plugins.ui",
 )
 """Modules registered as plugins in every plugin manager, exactly like entry-point plugins."""
 

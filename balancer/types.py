@@ -115,6 +115,8 @@ class Lookup:
     owner: NodeInfo
     hops: int
     successors: tuple[NodeInfo, ...] = ()
+    path: tuple[str, ...] = ()
+    """The processes that answered the lookup's messages, in order (one per hop)."""
 
 
 @dataclass(frozen=True, slots=True)

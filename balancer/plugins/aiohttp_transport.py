@@ -228,6 +228,10 @@ async def _ring(request: web.Request) -> web.Response:
     return _json(await request.app[_API].ring_view())
 
 
+async def _lookup(request: web.Request) -> web.Response:
+    return _json(await request.app[_API].lookup_view(_key(request)))
+
+
 def server_ssl(config: Config) -> ssl.SSLContext | None:
     """The TLS context to serve with, if ``tls_cert``/``tls_key`` are set.
 
@@ -283,7 +287,8 @@ def _is_loopback(host: str) -> bool:
 
 def _serve_route(route: Route) -> WebHandler:
     async def serve(request: web.Request) -> web.StreamResponse:
-        _authorize(request)  # a plugin's endpoint (metrics, say) is as guarded as /status
+        if not route.public:
+            _authorize(request)  # a plugin's endpoint (metrics, say) is as guarded as /status
         status, content_type, body = await route.handler()
         # set as a header: aiohttp's content_type argument refuses parameters such as charset
         return web.Response(body=body, status=status, headers={"Content-Type": content_type})
@@ -392,6 +397,7 @@ class AiohttpTransport(Transport):
             app.router.add_delete("/kv/{key:.*}", _delete)
             app.router.add_get("/status", _status)
             app.router.add_get("/ring", _ring)
+            app.router.add_get("/lookup/{key:.*}", _lookup)
             for route in api.routes():
                 app.router.add_route(route.method, route.path, _serve_route(route))
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.rpc_timeout)
