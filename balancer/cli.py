@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -425,11 +426,21 @@ def _start(
 
 @click.group()
 @click.version_option(package_name="balancer")
-@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
-def main(verbose: int) -> None:
+@click.option(
+    "-v", "--verbose", count=True, help="Log more: -v info, -vv debug and every HTTP request served."
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Append the log to this file instead of standard error.",
+)
+def main(verbose: int, log_file: str | None) -> None:
     """balancer: a fault-tolerant Chord ring and key-value store, with bounded-load balancing."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    target: dict[str, Any] = {"filename": log_file} if log_file else {}
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", **target)
+    # one line per HTTP request served (aiohttp's access log) only at -vv: at -v it would drown the rest
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 @main.command()
@@ -651,10 +662,12 @@ def _wait_ready(address: str, process: subprocess.Popen[bytes], deadline: float)
     "--nodes", type=click.IntRange(1, 32), default=3, show_default=True, help="Ring size, this node included."
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to use.")
-def demo(nodes: int, host: str) -> None:
+@click.option("--keep-logs", is_flag=True, help="Keep the nodes' log folder when the demo ends.")
+def demo(nodes: int, host: str, keep_logs: bool) -> None:
     """Start a local ring of separate node processes and open the REPL on one of them.
 
-    Leaving the REPL (exit, leave, Ctrl-D) stops every node, each leaving the ring gracefully.
+    Leaving the REPL (exit, leave, Ctrl-D) stops every node, each leaving the ring gracefully. The
+    nodes' logs go to a temporary folder, removed at the end unless --keep-logs.
     """
     logs = tempfile.mkdtemp(prefix="balancer-demo-")
     children: list[subprocess.Popen[bytes]] = []
@@ -683,7 +696,10 @@ def demo(nodes: int, host: str) -> None:
             _wait_ready(address, children[-1], time.monotonic() + 20)
             first = first or address
             _say(f"started node {address} (pid {children[-1].pid})")
-        _say(f"node logs are in {logs}")
+        _say(
+            f"node logs are in {logs}"
+            + ("" if keep_logs else " (removed at the end; --keep-logs keeps them)")
+        )
         config = Config(
             host=host,
             port=_free_port(host),
@@ -704,3 +720,7 @@ def demo(nodes: int, host: str) -> None:
                 child.wait()
         if children:
             _say(f"stopped {len(children)} node processes")
+        if keep_logs:
+            _say(f"node logs kept in {logs}")
+        else:
+            shutil.rmtree(logs, ignore_errors=True)

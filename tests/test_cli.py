@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -145,3 +147,13 @@ def test_secret_files_must_hold_a_secret_and_come_alone(tmp_path: Path) -> None:
     both = CliRunner().invoke(main, ["node", "--ring", "--api-token", "t", "--api-token-file", str(empty)])
     assert both.exit_code == 2
     assert "give --api-token or --api-token-file, not both" in both.output
+
+
+def test_the_log_goes_to_a_file_when_asked(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    dead = ["--join", f"127.0.0.1:{free_port()}", "--join-timeout", "0", "--no-plugins"]
+    command = [sys.executable, "-m", "balancer", "-vv", "--log-file", str(log), "node", *dead]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "DEBUG balancer.node" in log.read_text()  # the seed that refused, at debug level
+    assert "DEBUG" not in done.stderr + done.stdout

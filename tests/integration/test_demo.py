@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_demo_runs_a_three_node_ring_and_stops_it() -> None:
@@ -33,3 +34,31 @@ def test_demo_runs_a_three_node_ring_and_stops_it() -> None:
         except ProcessLookupError:
             continue
         raise AssertionError(f"node process {pid} is still running")
+    logs = re.search(r"node logs are in (\S+)", out)
+    assert logs is not None
+    assert not Path(logs.group(1)).exists()  # removed at the end
+
+
+def test_demo_keeps_its_logs_when_asked_and_they_hold_no_request_lines() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "balancer", "demo", "--nodes", "2", "--keep-logs"],
+        input="put k v\nget k\nexit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    kept = re.search(r"node logs kept in (\S+)", done.stdout)
+    assert kept is not None
+    folder = Path(kept.group(1))
+    try:
+        logs = sorted(folder.glob("node-*.log"))
+        assert len(logs) == 1
+        text = logs[0].read_text()
+        assert "created a ring" in text  # the node logs at info (-v) ...
+        assert "aiohttp.access" not in text  # ... but not every request it served (that is -vv)
+    finally:
+        for log in folder.glob("*"):
+            log.unlink()
+        folder.rmdir()
