@@ -30,7 +30,7 @@ from balancer.client import RemoteNode
 from balancer.config import Config
 from balancer.errors import BalancerError, KeyNotFoundError, PluginError
 from balancer.node import Node
-from balancer.plugin import Registry, installed_plugins, plugin_manager
+from balancer.plugin import Registry, import_plugins, installed_plugins, plugin_manager
 from balancer.types import format_id
 
 __all__ = ["main"]
@@ -63,10 +63,11 @@ def _extra(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
     return extra
 
 
-def _plugins(config: Config, disabled: Sequence[str]) -> pluggy.PluginManager:
+def _plugins(config: Config, disabled: Sequence[str], modules: Sequence[str] = ()) -> pluggy.PluginManager:
     """The plugin manager a node runs with; a usage error if ``config`` names a plugin that is missing."""
     try:
-        pm = plugin_manager(load_entrypoints=config.load_entrypoints, disabled=disabled)
+        extra = import_plugins(modules)
+        pm = plugin_manager(load_entrypoints=config.load_entrypoints, disabled=disabled, plugins=extra)
     except BalancerError as exc:  # a broken plugin: one line naming it, never a traceback
         raise click.ClickException(str(exc)) from exc
     try:
@@ -260,6 +261,13 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Do not load this third-party plugin (repeatable).",
         ),
         click.option(
+            "--plugin",
+            "modules",
+            metavar="MODULE",
+            multiple=True,
+            help="Also load the plugin in this importable module, an installed package or not (repeatable).",
+        ),
+        click.option(
             "--set",
             "extra",
             metavar="PLUGIN.KEY=VALUE",
@@ -335,6 +343,16 @@ def _config(**opts: Any) -> Config:
         raise click.UsageError(str(exc)) from exc
 
 
+def _how(opts: dict[str, Any]) -> dict[str, Any]:
+    """How to start a node, from the options of ``node`` and ``repl``: the arguments of ``_start``."""
+    return {
+        "create_if_alone": opts["ring"],
+        "loop": opts["loop"],
+        "disabled": opts["disabled"],
+        "modules": opts["modules"],
+    }
+
+
 def _say(text: str, *, err: bool = False) -> None:
     click.echo(f"{_BANNER} {text}", err=err)
 
@@ -408,11 +426,13 @@ def _start(
     config: Config,
     join: Sequence[str],
     repl: bool,
+    *,
     create_if_alone: bool = False,
     loop: str = "auto",
     disabled: Sequence[str] = (),
+    modules: Sequence[str] = (),
 ) -> None:
-    pm = _plugins(config, disabled)
+    pm = _plugins(config, disabled, modules)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
             runner.run(_run(config, pm, join, repl, create_if_alone))
@@ -448,23 +468,25 @@ def main(verbose: int, log_file: str | None) -> None:
 @click.option("--cli", "with_cli", is_flag=True, help="Open the REPL on this node.")
 def node(with_cli: bool, **opts: Any) -> None:
     """Run a ring node; with --cli, also the REPL. SIGINT/SIGTERM leave the ring gracefully."""
-    _start(_config(**opts), opts["join"], with_cli, opts["ring"], opts["loop"], opts["disabled"])
+    _start(_config(**opts), opts["join"], with_cli, **_how(opts))
 
 
 @main.command()
 @_node_options
 def repl(**opts: Any) -> None:
     """Run a ring node with the REPL (as ``node --cli``)."""
-    _start(_config(**opts), opts["join"], True, opts["ring"], opts["loop"], opts["disabled"])
+    _start(_config(**opts), opts["join"], True, **_how(opts))
 
 
 @main.command()
 @click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points).")
 @click.option("--disable-plugin", "disabled", metavar="NAME", multiple=True, help="Do not load this plugin.")
-def plugins(no_plugins: bool, disabled: tuple[str, ...]) -> None:
+@click.option("--plugin", "modules", metavar="MODULE", multiple=True, help="Also load this plugin module.")
+def plugins(no_plugins: bool, disabled: tuple[str, ...], modules: tuple[str, ...]) -> None:
     """List the installed plugins and the transports, storages and replication strategies on offer."""
     try:
-        registry = Registry(plugin_manager(load_entrypoints=not no_plugins, disabled=disabled))
+        extra = import_plugins(modules)
+        registry = Registry(plugin_manager(load_entrypoints=not no_plugins, disabled=disabled, plugins=extra))
     except BalancerError as exc:
         raise click.ClickException(str(exc)) from exc
     for name, package in sorted(installed_plugins().items()):
@@ -663,7 +685,8 @@ def _wait_ready(address: str, process: subprocess.Popen[bytes], deadline: float)
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to use.")
 @click.option("--keep-logs", is_flag=True, help="Keep the nodes' log folder when the demo ends.")
-def demo(nodes: int, host: str, keep_logs: bool) -> None:
+@click.option("--no-plugins", is_flag=True, help="Do not load third-party plugins (entry points).")
+def demo(nodes: int, host: str, keep_logs: bool, no_plugins: bool) -> None:
     """Start a local ring of separate node processes and open the REPL on one of them.
 
     Leaving the REPL (exit, leave, Ctrl-D) stops every node, each leaving the ring gracefully. The
@@ -690,7 +713,7 @@ def demo(nodes: int, host: str, keep_logs: bool) -> None:
             address = f"{host}:{port}"
             where = ["--ring"] if first is None else ["--join", first]
             command = [sys.executable, "-m", "balancer", "-v", "node", "--host", host, "--port", str(port)]
-            command += [*where, *quorums]
+            command += [*where, *quorums, *(["--no-plugins"] if no_plugins else [])]
             with open(os.path.join(logs, f"node-{port}.log"), "wb") as log:
                 children.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
             _wait_ready(address, children[-1], time.monotonic() + 20)
@@ -706,6 +729,7 @@ def demo(nodes: int, host: str, keep_logs: bool) -> None:
             replicas=replicas,
             write_quorum=write_quorum,
             read_quorum=read_quorum,
+            load_entrypoints=not no_plugins,
         )
         _start(config, [first] if first else [], True)
     finally:

@@ -16,7 +16,14 @@ from balancer.config import Config
 from balancer.errors import PluginError
 from balancer.hookspecs import ReplicationStrategy, Storage, Transport
 
-__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "Registry", "installed_plugins", "plugin_manager"]
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "Registry",
+    "import_plugins",
+    "installed_plugins",
+    "plugin_manager",
+]
 
 ENTRY_POINT_GROUP = "balancer"
 """Third-party packages register plugins under this entry-point group."""
@@ -73,6 +80,7 @@ def _load_entrypoints(pm: pluggy.PluginManager, disabled: set[str]) -> None:
     if unknown:
         known = ", ".join(sorted(installed_plugins())) or "none"
         raise PluginError(f"no installed plugin named {', '.join(sorted(unknown))}; installed: {known}")
+    failed: list[str] = []  # every plugin that fails to import, named in the one error
     for ep in installed:
         if ep.name in disabled or pm.get_plugin(ep.name) is not None:
             continue
@@ -80,12 +88,28 @@ def _load_entrypoints(pm: pluggy.PluginManager, disabled: set[str]) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # any error of a third party's import is reported alike
-            raise PluginError(
+            failed.append(
                 f"plugin {ep.name!r} (package {package}) failed to load: {type(exc).__name__}: {_line(exc)}"
-                f"; start without it: --disable-plugin {ep.name} (or --no-plugins)",
-                plugin=ep.name,
-            ) from exc
+            )
+            continue
         _register(pm, plugin, ep.name, package)
+    if failed:
+        names = " ".join(f"--disable-plugin {name.split(chr(39))[1]}" for name in failed)
+        raise PluginError(f"{'; '.join(failed)}; start without: {names} (or --no-plugins)")
+
+
+def import_plugins(modules: Iterable[str]) -> list[object]:
+    """Import plugin modules by name (``--plugin MODULE``): a plugin need not be an installed package.
+    Raises :class:`PluginError` naming a module that fails to import."""
+    imported: list[object] = []
+    for name in modules:
+        try:
+            imported.append(importlib.import_module(name))
+        except Exception as exc:  # any error of the module's import is reported alike
+            raise PluginError(
+                f"plugin module {name!r} failed to load: {type(exc).__name__}: {_line(exc)}"
+            ) from exc
+    return imported
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str | None, package: str | None = None) -> None:

@@ -29,7 +29,7 @@ from balancer.hookspecs import (
 )
 from balancer.keyspace import KeySpace
 from balancer.node import Node
-from balancer.plugin import Registry, plugin_manager
+from balancer.plugin import Registry, import_plugins, installed_plugins, plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 from balancer.plugins.memory_storage import MemoryStorage
 from balancer.plugins.replication import MultiRing, SuccessorList
@@ -318,14 +318,38 @@ def test_a_plugin_that_fails_to_import_is_named_and_can_be_left_out(broken_plugi
         plugin_manager()
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(
-        "plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo"
-    )
+    assert "plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo" in message
     assert "--disable-plugin broken" in message
-    assert plugin_manager(disabled=["broken"]).get_plugin("broken") is None
+    others = [name for name in installed_plugins() if name != "broken"]  # whatever else is installed
+    assert plugin_manager(disabled=["broken", *others]).get_plugin("broken") is None
     assert plugin_manager(load_entrypoints=False).get_plugin("broken") is None
     with pytest.raises(PluginError, match=r"no installed plugin named nope; installed: .*broken"):
         plugin_manager(disabled=["nope"])
+
+
+def test_a_plugin_module_is_loaded_by_name_or_named_when_it_fails(tmp_path: Path) -> None:
+    (tmp_path / "named_plugin.py").write_text(
+        "from balancer.hookspecs import hookimpl\n"
+        "@hookimpl\n"
+        "def balancer_register_storages(register):\n"
+        "    from balancer.plugins.memory_storage import MemoryStorage\n"
+        "    register('named', lambda config: MemoryStorage())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = {"env": env, "capture_output": True, "text": True, "timeout": 60}
+    balancer = [sys.executable, "-m", "balancer"]
+    bad = [*balancer, "node", "--ring", "--no-plugins", "--plugin", "no_such_module"]
+    failed = subprocess.run(bad, **run)  # type: ignore[call-overload]
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == (
+        "Error: plugin module 'no_such_module' failed to load: "
+        "ModuleNotFoundError: No module named 'no_such_module'"
+    )
+    only = ["--no-plugins", "--plugin", "named_plugin"]
+    listed = subprocess.run([*balancer, "plugins", *only], **run)  # type: ignore[call-overload]
+    assert listed.returncode == 0, listed.stderr
+    assert "storages: memory, named, sqlite" in listed.stdout
+    assert import_plugins(["json"])[0].__name__ == "json"  # type: ignore[attr-defined]
 
 
 def test_the_cli_names_a_broken_plugin_in_one_line(broken_plugin: Path) -> None:
@@ -335,10 +359,14 @@ def test_the_cli_names_a_broken_plugin_in_one_line(broken_plugin: Path) -> None:
         [*balancer, "node", "--ring"], env=env, capture_output=True, text=True, timeout=60
     )
     assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines() == [
-        "Error: plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo, which "
-        "is missing; start without it: --disable-plugin broken (or --no-plugins)"
-    ]
+    (line,) = failed.stderr.strip().splitlines()  # one line, whatever else is installed
+    assert line.startswith("Error: ")
+    assert (
+        "plugin 'broken' (package broken-plugin) failed to load: ImportError: needs libfoo, which is missing"
+        in line
+    )
+    assert line.endswith("(or --no-plugins)")
+    assert "--disable-plugin broken" in line
     listed = subprocess.run(
         [*balancer, "plugins", "--disable-plugin", "broken"],
         env=env,
@@ -377,13 +405,20 @@ def test_a_plugin_replaces_the_repl_and_the_cli_runs_it(tmp_path: Path) -> None:
         "def balancer_repl(node, pm, stop):\n"
         "    return session(node, stop)\n"
     )
-    info = tmp_path / "quiet_repl-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: quiet-repl\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[balancer]\nquiet = quiet_repl\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     solo = ["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
-    command = [sys.executable, "-m", "balancer", "repl", "--ring", *solo]
+    # the plugin by module name, and no others: whatever else is installed does not matter here
+    command = [
+        sys.executable,
+        "-m",
+        "balancer",
+        "repl",
+        "--ring",
+        *solo,
+        "--no-plugins",
+        "--plugin",
+        "quiet_repl",
+    ]
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
     )

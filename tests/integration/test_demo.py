@@ -12,7 +12,7 @@ from pathlib import Path
 def test_demo_runs_a_three_node_ring_and_stops_it() -> None:
     script = "put colour deep blue\nget colour\nring\nstatus\ndelete colour\nget colour\nexit\n"
     done = subprocess.run(
-        [sys.executable, "-m", "balancer", "demo", "--nodes", "3"],
+        [sys.executable, "-m", "balancer", "demo", "--nodes", "3", "--no-plugins"],
         input=script,
         capture_output=True,
         text=True,
@@ -41,7 +41,7 @@ def test_demo_runs_a_three_node_ring_and_stops_it() -> None:
 
 def test_demo_keeps_its_logs_when_asked_and_they_hold_no_request_lines() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "balancer", "demo", "--nodes", "2", "--keep-logs"],
+        [sys.executable, "-m", "balancer", "demo", "--nodes", "2", "--keep-logs", "--no-plugins"],
         input="put k v\nget k\nexit\n",
         capture_output=True,
         text=True,

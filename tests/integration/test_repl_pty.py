@@ -101,12 +101,8 @@ def balancer_repl_commands(cli):
 
 
 def install_plugin(folder: Path) -> dict[str, str]:
-    """Install the hanging command as an entry-point plugin under ``folder``; the environment to use it."""
+    """Write the hanging command's plugin module under ``folder``; the environment that can import it."""
     (folder / "hanging.py").write_text(HANGING_COMMAND)
-    info = folder / "hanging-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hanging\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[balancer]\nhanging = hanging\n")
     return {**os.environ, "PYTHONPATH": str(folder)}
 
 
@@ -114,8 +110,17 @@ async def test_repl_in_a_terminal(cluster: Cluster, tmp_path: Path) -> None:
     first = cluster.start()
     async with aiohttp.ClientSession() as http:
         await until(lambda: _up(http, first.address), what="the ring's first node")
-    with_plugins = [flag for flag in FAST if flag != "--no-plugins"]  # the hanging command's plugin
-    command = [sys.executable, "-m", "balancer", "repl", "--join", first.address, *with_plugins]
+    command = [
+        sys.executable,
+        "-m",
+        "balancer",
+        "repl",
+        "--join",
+        first.address,
+        *FAST,
+        "--plugin",
+        "hanging",
+    ]
     term = Terminal(command, env=install_plugin(tmp_path))
     try:
         term.expect("type help for the commands")
