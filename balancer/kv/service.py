@@ -62,7 +62,7 @@ from balancer.types import Handler, Member, NodeInfo, Payload, Record, Version
 
 __all__ = ["BUCKET_BITS", "SLICE_SECONDS", "HybridClock", "KVService", "Maintenance"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("balancer.kv")  # the name it had as one module
 
 BUCKET_BITS = 6
 """Anti-entropy compares 2**6 = 64 digests per pair of replicas, one per slice of the key-id space."""
