@@ -57,6 +57,7 @@ from balancer.errors import (
 )
 from balancer.hookspecs import Placement, ReplicationStrategy, Storage
 from balancer.keyspace import in_interval
+from balancer.kv.clock import HybridClock
 from balancer.ring import Ring
 from balancer.types import Handler, Member, NodeInfo, Payload, Record, Version
 
@@ -70,47 +71,8 @@ BUCKET_BITS = 6
 SLICE_SECONDS = 0.005
 """Longest a maintenance loop works before it lets the event loop run other tasks (seconds)."""
 
-_COUNTER_BITS = 16
-
 Stored = tuple[bool, Version | None]
 """A store's result for one record: kept, or the greater version that beat it."""
-
-
-class HybridClock:
-    """A hybrid logical clock: wall-clock milliseconds in the high bits, a counter in the low 16.
-
-    ``now()`` never goes backwards and never repeats, even if the wall clock does; ``observe()`` moves it
-    past a timestamp seen from another node, so causally later writes always get greater versions, but
-    never further than ``max_skew`` seconds ahead of this node's wall clock: one record stamped far in the
-    future (a peer with a wrong clock, or a forged one) cannot drag every later write along with it.
-    """
-
-    def __init__(self, wall: Callable[[], float] = time.time, max_skew: float = 60.0) -> None:
-        self._wall = wall
-        self.max_skew = max_skew
-        self._last = 0
-
-    def now(self) -> int:
-        """A fresh timestamp, greater than every one issued or observed before."""
-        self._last = max(self._last + 1, int(self._wall() * 1000) << _COUNTER_BITS)
-        return self._last
-
-    def observe(self, timestamp: int) -> None:
-        """Account for a timestamp seen on a record from elsewhere (at most up to :meth:`limit`)."""
-        self._last = max(self._last, min(timestamp, self.limit()))
-
-    def limit(self) -> int:
-        """The greatest timestamp accepted now: ``max_skew`` seconds ahead of the wall clock."""
-        return int((self._wall() + self.max_skew) * 1000) << _COUNTER_BITS
-
-    def ahead(self, timestamp: int) -> float:
-        """Seconds ``timestamp`` is ahead of this node's wall clock (negative if behind)."""
-        return self.seconds(timestamp) - self._wall()
-
-    @staticmethod
-    def seconds(timestamp: int) -> float:
-        """The wall-clock time (seconds since the epoch) a timestamp was issued at."""
-        return (timestamp >> _COUNTER_BITS) / 1000
 
 
 def _b64(data: bytes) -> str:
