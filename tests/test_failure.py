@@ -186,14 +186,14 @@ async def test_a_failed_peer_leaves_no_per_peer_state_behind(
     await nodes[0].put("k", b"v")
     assert await nodes[0].get("k") == b"v"
     dead = nodes[1]
-    assert dead.address in nodes[0].kv._readers or dead.address in nodes[0].kv._writers
+    assert dead.address in nodes[0].kv.transfer.readers or dead.address in nodes[0].kv.transfer.writers
     network.kill(dead.address)
     await nodes[0].ring.stabilize()
     await nodes[0].ring.check_predecessor()
     await nodes[0].put("k2", b"v")  # calls it, finds it refusing, forgets it
     assert all(dead.address not in addresses(v.successors) for v in nodes[0].ring.vnodes)
-    assert dead.address not in nodes[0].kv._readers
-    assert dead.address not in nodes[0].kv._writers
+    assert dead.address not in nodes[0].kv.transfer.readers
+    assert dead.address not in nodes[0].kv.transfer.writers
 
 
 def test_refusing_peers_are_remembered_after_they_are_forgotten() -> None:
