@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
 import time
 
 import pluggy
@@ -401,3 +403,31 @@ async def test_two_rings_that_were_one_merge_and_keep_every_write(make_ring: Rin
         for i in range(20):
             assert await node.get(f"left{i}") == b"l"
             assert await node.get(f"right{i}") == b"r"
+
+
+async def test_a_replica_that_fails_writes_is_a_warning_once_until_it_answers(
+    make_ring: RingFactory, network: LocalNetwork, caplog: pytest.LogCaptureFixture
+) -> None:
+    nodes = await make_ring(4, vnodes=1)
+    coordinator = nodes[0]
+    keys = [f"k{i}" for i in range(40)]
+    replicas = {key: addresses((await coordinator.kv.replica_set(key.encode()))[0]) for key in keys}
+    victim = next(a for a in (n.address for n in nodes[1:]) if sum(a in r for r in replicas.values()) >= 3)
+    network.cut_link(coordinator.address, victim)  # down as far as the coordinator can tell
+    with caplog.at_level(logging.WARNING, logger="balancer.kv"):
+        for key in keys:
+            if victim in replicas[key]:
+                with contextlib.suppress(QuorumError):
+                    await coordinator.put(key, b"v")
+        await coordinator.kv.drain()
+    warned = [r.getMessage() for r in caplog.records if f"a replica write with {victim}" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "not logged again until it answers" in warned[0]
+    warnings = coordinator.kv.shared.warnings
+    with caplog.at_level(logging.WARNING, logger="balancer.kv"):
+        warnings.failed("a replica write", victim, "timed out", coordinator.ring.info)  # again: quiet
+    assert sum(f"a replica write with {victim}" in r.getMessage() for r in caplog.records) == 1
+    warnings.answered("a replica write", victim)  # it answered: its next failure is worth a warning
+    with caplog.at_level(logging.WARNING, logger="balancer.kv"):
+        warnings.failed("a replica write", victim, "timed out", coordinator.ring.info)
+    assert sum(f"a replica write with {victim}" in r.getMessage() for r in caplog.records) == 2

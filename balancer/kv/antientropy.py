@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from balancer import wire
 from balancer.errors import BalancerError, RingError
 from balancer.kv.placement import CachedPlacement, ReplicaSets
-from balancer.kv.shared import Pacer, Shared, log
+from balancer.kv.shared import Pacer, Shared
 from balancer.kv.transfer import Transfer, b64
 from balancer.types import NodeInfo, Payload, Record, Version
 
@@ -137,10 +137,11 @@ class AntiEntropy:
                 if mine:
                     await self.transfer.write_at(node, mine)
                     report.pushed += len(mine)
+            self.shared.warnings.answered("anti-entropy", node.address)
             return answer_digests.current
         except BalancerError as exc:
             report.unreachable.add(node.address)
-            log.debug("%s: anti-entropy with %s failed: %s", self.shared.ring.info, node, exc)
+            self.shared.warnings.failed("anti-entropy", node.address, exc, self.shared.ring.info)
             return False
 
     async def rpc_digests(self, message: wire.Digests) -> Payload:

@@ -163,6 +163,7 @@ class Coordinator:
             if exc is None:
                 # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
                 _, newer = future.result()
+                self.shared.warnings.answered("a replica write", node.address)
                 if node in counted:  # a spare holds a copy, but a quorum counts replicas only
                     if newer is not None and newer.timestamp > self.shared.clock.limit():
                         # it holds a version stamped beyond the skew, which would beat every write: not
@@ -175,6 +176,8 @@ class Coordinator:
                         if newer is not None and (newest_version is None or newer > newest_version):
                             newest_version = newer
             else:  # accounted even after the quorum: a peer found down is forgotten at once
+                if not isinstance(exc, asyncio.CancelledError):  # cancelled is not failed
+                    self.shared.warnings.failed("a replica write", node.address, exc, self.shared.ring.info)
                 slow = self._failed(node, exc)
                 if slow and node not in retried and not quorum.done():
                     # only slow: asked again, for longer (its timeout backed off), beside a spare
@@ -217,7 +220,7 @@ class Coordinator:
         def finished(done: asyncio.Future[Any]) -> None:
             self._background.discard(done)
             if not done.cancelled() and done.exception() is not None:
-                log.debug("%s: background replication failed: %s", self.shared.ring.info, done.exception())
+                log.warning("%s: background replication failed: %s", self.shared.ring.info, done.exception())
 
         future.add_done_callback(finished)
 

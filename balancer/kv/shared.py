@@ -23,10 +23,32 @@ from balancer.kv.clock import HybridClock
 from balancer.ring import Ring
 from balancer.types import Member
 
-__all__ = ["SLICE_SECONDS", "Pacer", "Shared", "log", "pointed"]
+__all__ = ["SLICE_SECONDS", "Pacer", "PeerWarnings", "Shared", "log", "pointed"]
 
 log = logging.getLogger("balancer.kv")
 """The service's one logger, whichever part of it writes."""
+
+
+class PeerWarnings:
+    """Failures that matter (a replica that did not store a write, a peer that anti-entropy could not
+    reach), logged as warnings once per peer and kind until that peer answers again: a peer that is down
+    until the failure detector gives up on it must not fill the log with one line per request."""
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, str]] = set()
+
+    def failed(self, kind: str, peer: str, reason: object, me: object) -> None:
+        """``peer`` failed at ``kind``: warn, unless already warned since it last answered."""
+        if (kind, peer) in self._warned:
+            log.debug("%s: %s with %s failed again: %s", me, kind, peer, reason)
+            return
+        self._warned.add((kind, peer))
+        log.warning("%s: %s with %s failed: %s (not logged again until it answers)", me, kind, peer, reason)
+
+    def answered(self, kind: str, peer: str) -> None:
+        """``peer`` answered at ``kind``: its next failure is worth a warning again."""
+        self._warned.discard((kind, peer))
+
 
 SLICE_SECONDS = 0.005
 """Longest a maintenance loop works before it lets the event loop run other tasks (seconds)."""
@@ -80,6 +102,8 @@ class Shared:
     """The ring epoch of the last complete maintenance pass."""
     unsettled: int = field(default=0, init=False)
     """Calls of :meth:`unsettle`: a pass under way during one does not settle the node."""
+    warnings: PeerWarnings = field(default_factory=PeerWarnings, init=False)
+    """Failures worth a warning, once per peer until it answers again."""
 
     def __post_init__(self) -> None:
         offset = self.config.clock_offset
