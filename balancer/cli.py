@@ -29,7 +29,6 @@ from click.core import ParameterSource
 from balancer.client import RemoteNode
 from balancer.config import Config
 from balancer.errors import BalancerError, KeyNotFoundError, PluginError
-from balancer.node import Node
 from balancer.plugin import Registry, import_plugins, installed_plugins, plugin_manager
 from balancer.types import format_id
 
@@ -379,6 +378,8 @@ async def _run(
     config: Config, pm: pluggy.PluginManager, join: Sequence[str], repl: bool, create_if_alone: bool
 ) -> None:
     """Run one node until SIGINT/SIGTERM (or the REPL ends), then leave the ring gracefully."""
+    from balancer.node import Node  # here: the client commands start faster without it
+
     node = Node(config, join=join, create_if_alone=create_if_alone, pm=pm)
 
     def waiting(seeds: list[str], attempt: int, attempts: int) -> None:
