@@ -34,9 +34,10 @@ class Groups(ReplicationStrategy):
     consecutive processes, and a key's replicas are its owner's group.
 
     Processes are ordered along the ring by their first vnode id. A process whose address hashes to a
-    multiple of ``size`` starts a group, which runs up to the next such process; a group with fewer than
-    ``size`` processes takes in the group after it. So one process joining or leaving changes one group
-    (or splits or merges two), never the groups elsewhere on the ring. The replicas are the owner and the
+    multiple of ``size`` starts a run, which lasts up to the next such process. A run of at least
+    ``size`` processes anchors a group, together with the shorter runs just before it. So one process
+    joining or leaving changes its own group, and at most the next (merging or splitting the two), never
+    a group elsewhere on the ring. The replicas are the owner and the
     processes after it in its group (wrapping inside the group); the rest of the group, then the next
     group, stand in when they fail. Every member of a group of exactly N processes holds the same keys:
     the group repairs itself, and the ring only ever moves whole groups' worth of data between them.
@@ -75,20 +76,28 @@ class Groups(ReplicationStrategy):
         if len(ring) <= self.size or not starts:
             return [ring] if ring else []
         ring = ring[starts[0] :] + ring[: starts[0]]  # the first leader first; the ones before it trail
-        runs: list[list[str]] = []
+        runs: list[list[str]] = []  # from each leader up to the next
         for address in ring:
             if self.leads(address) or not runs:
                 runs.append([address])
             else:
                 runs[-1].append(address)
+        anchors = [i for i, run in enumerate(runs) if len(run) >= self.size]
+        if not anchors:
+            return [ring]
+        # A run of at least `size` processes anchors a group; the shorter runs just before it (back to
+        # the previous anchor, around the ring) join it. Whether a run anchors depends on that run alone,
+        # so a change of one process changes its own group, and at most the next one (when its run
+        # stops or starts anchoring), never a group further away.
+        last = anchors[-1]
+        runs = runs[last + 1 :] + runs[: last + 1]  # start just after an anchor: the list ends with one
         groups: list[list[str]] = []
+        pending: list[str] = []
         for run in runs:
-            if groups and len(groups[-1]) < self.size:
-                groups[-1].extend(run)
-            else:
-                groups.append(run)
-        if len(groups) > 1 and len(groups[-1]) < self.size:  # the short last group joins the first
-            groups[0] = groups.pop() + groups[0]
+            pending.extend(run)
+            if len(run) >= self.size:
+                groups.append(pending)
+                pending = []
         return groups
 
     async def place(self, key: bytes, replicas: int, ring: Placement) -> list[NodeInfo]:
