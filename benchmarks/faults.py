@@ -46,7 +46,7 @@ it measures:
    storage). Rounds are bounded (``--max-rounds``); a ring that never gets every key back to N copies is
    reported as NOT REACHED.
 2. Bytes per membership change. On a settled ring holding the keys (every copy on a true replica, none
-   elsewhere) one idle round is measured (the steady
+   elsewhere; on a ``groups`` ring, every members view right too) one idle round is measured (the steady
    cost of a round on a correct ring, where no stabilize sweep is needed: the surveys, fix_fingers
    lookups, the replica lookups and digests of maintain), then, one after another: one node joins, one
    leaves gracefully (``await node.leave()``), one crashes (``network.kill``). After each, rounds run
@@ -467,8 +467,9 @@ class Census:
 
     @property
     def settled(self) -> bool:
-        """Every key is on exactly its true replicas."""
-        return self.at_n and self.misplaced == 0
+        """Every key is on exactly its true replicas, and (``groups``) every live node's members view
+        forms the groups the live processes form: the next client operation places keys right too."""
+        return self.at_n and self.misplaced == 0 and self.stale == 0
 
 
 async def census(ring: Ring, acked: dict[bytes, bytes]) -> Census:
@@ -542,7 +543,8 @@ async def repair(
     max_sweeps: int,
     min_rounds: int = 0,
 ) -> Repair:
-    """Run rounds until every key is on exactly its true replicas (and ``min_rounds`` ran), at most
+    """Run rounds until every key is on exactly its true replicas and every members view is right
+    (:attr:`Census.settled`; and ``min_rounds`` ran), at most
     ``max_rounds``.
 
     The seconds count the rounds only, not the census taken after each.
