@@ -935,10 +935,11 @@ def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
         )
     print(
         f"### Durability (N = {N}, W = {W}, R = {R}). Keys written through random nodes, then nodes killed "
-        f"(kill -9); one round = stabilize until the ring is correct, a survey from every live node, "
-        f"fix_fingers, drain + maintain on every live node. Seconds are the rounds' wall-clock time. Survey "
-        f"kB = ring.describe. Views off = live nodes whose members view forms other groups than the live "
-        f"processes (groups only). Lost = acknowledged keys read back wrong, missing, or not at all.\n"
+        f"(kill -9); one round = every node drops its learned routes, stabilize until the ring is correct, "
+        f"a survey from every live node, fix_fingers, drain + maintain on every live node. Seconds are the "
+        f"rounds' wall-clock time. Survey kB = ring.describe. Views off = live nodes whose members view "
+        f"forms other groups than the live processes (groups only). Lost = acknowledged keys read back "
+        f"wrong, missing, or not at all.\n"
     )
     table(head, lines)
     for line in group_notes(rows):
