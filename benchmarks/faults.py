@@ -63,8 +63,8 @@ the live processes (so the oracle trusts that grouping code), checked independen
 end (views off), and a note under each table gives the groups' sizes before and after each change.
 
 Exit status: 1 if any acknowledged write was lost (in any scenario) or an oracle check failed, else 0. A
-default run takes about 8 minutes on a 2-core machine (32 vnodes a node); ``--vnodes 1`` about 3, and
-the small run of the tests (``--nodes 6 --keys 120``) well under a minute.
+default run takes 2 to 4 minutes on a 2-core machine (32 vnodes a node), ``--vnodes 1`` under one, and
+the small run of the tests (``--nodes 6 --keys 120``) about 35 s.
 
 Run: python benchmarks/faults.py [--nodes 16] [--vnodes 32] [--keys 2000] [--value-bytes 100] [--seed S]
      [--max-rounds 50] [--max-sweeps 60] [--strategies successor,multi-ring,groups]
