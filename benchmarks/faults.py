@@ -344,7 +344,10 @@ class Oracle:
         self.ids = [info.id for info in self.ordered]
         self.violations = ring.violations
         """Breaches of the checks above, by what was breached (the ring's counter, kept for the run)."""
+        self.size = 0
+        """``groups.size`` of a ``groups`` ring (0 for the other strategies)."""
         self.groups: list[list[str]] = []
+        """The live processes' groups, in ring order, as ``Groups.groups`` forms them (``groups`` only)."""
         self._group_of: dict[str, int] = {}
         self._cache: dict[bytes, frozenset[str]] = {}
         strategy = ring.strategy
