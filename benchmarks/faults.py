@@ -2,45 +2,72 @@
 
 Rings of real :class:`balancer.node.Node` objects (key-value service, memory storage, m = 64-bit ids
 drawn from the seed, successor lists of r = 8) run in one process on a ``LocalNetwork(wire=True)``, which
-counts the RPCs and the JSON bytes of every method. Every maintenance interval is an hour, so nothing runs
-by itself: the script drives the protocol in rounds, deterministically. One round is
+counts the RPCs and the JSON bytes of every method. Every maintenance interval (surveys included) is an
+hour, so nothing runs by itself: the script drives the protocol in rounds, deterministically. One round is
 
+    every live node forgets the ranges it learned from lookups (``Ring.forget_routes``), then
     check_predecessor + stabilize on every live node (a seeded order), repeated until every successor
-    list and predecessor is right (at most ``--max-sweeps`` times), then fix_fingers on every live node,
-    then kv.drain() + kv.maintain() on every live node (hand-off, repair, digest anti-entropy).
+    list and predecessor is right (at most ``--max-sweeps`` times), then a survey of the ring from every
+    live node (``Node.ring_status()``: one ``ring.describe`` to each other process), then fix_fingers on
+    every live node, then kv.drain() + kv.maintain() on every live node (hand-off, repair, digest
+    anti-entropy).
+
+A round stands for one maintenance pass (``anti_entropy_interval``, 5 s by default). A node trusts a range
+it learned from a lookup for ``max(2 s, 4 x stabilize_interval)`` only (2 s by default), so by the next
+pass it has dropped them; here the intervals are an hour, which would keep them for four hours, so each
+round drops them explicitly. (Without that, a node that saw no change kept routing by ranges that named
+dead or displaced nodes for the whole run: with one id per node, reads raised QuorumError after the
+kills and maintenance never settled after a join, for every strategy.)
+
+The survey refreshes each node's members view (``Node.members()``), which the ``groups`` strategy places
+keys by; a node's own surveyor does the same soon after every change it sees, and every
+``survey_interval`` (30 s by default, against a maintenance pass every 5 s), whatever its strategy. Its
+``ring.describe`` RPCs are counted in the traffic like every other method, for every strategy, and shown
+apart (survey kB): one survey per node per round is about what a node does after a change, and more than
+it does on a quiet ring. Only ``groups`` needs the view to be current to place keys right; ``successor``
+and ``multi-ring`` read it only to choose whom to sync with when a node is unsettled.
 
 For each replication strategy (``successor``: the key's owner and the next nodes; ``multi-ring``: the
-owners of N independent hashes of the key) with N = 3, W = 2, R = 2, on a ring of ``--nodes`` (16) nodes
-holding ``--keys`` (2,000) keys of ``--value-bytes`` (100) random bytes, it measures:
+owners of N independent hashes of the key; ``groups``: the owner's replication group, groups of at least
+``groups.size`` = N consecutive processes) with N = 3, W = 2, R = 2, on a ring of ``--nodes`` (16) nodes
+of ``--vnodes`` (32) vnodes each, holding ``--keys`` (2,000) keys of ``--value-bytes`` (100) random bytes,
+it measures:
 
 1. Durability. The keys are written one by one through random nodes; a write that returned without error
    is acknowledged. Then, *sequential*: one random node is killed (``network.kill``, as kill -9), and rounds
    run until every key is at exactly N copies among the live nodes (the rounds and wall-clock seconds are
    the time to full replication after one loss), and on until every copy is on one of the key's true
    replicas; then a second node is killed and the same is measured (after two losses). *Adjacent pair*:
-   on a fresh ring with the same keys, a random node and its successor are killed at once (N - 1 = 2
-   simultaneous losses, the most N = 3 survives), then the same. Finally every acknowledged key is read
-   through a random live node (quorum read, R = 2): a wrong value, a missing key or a read that raises
-   counts as lost. Right after each kill the table shows how many keys were left below N copies, at one
-   copy, and at none (lost in storage). Rounds are bounded (``--max-rounds``); a ring that never gets
-   every key back to N copies is reported as NOT REACHED.
+   on a fresh ring with the same keys, a random node and the process of the vnode after its first vnode
+   are killed at once (N - 1 = 2 simultaneous losses, the most N = 3 survives), then the same; the same
+   two processes for every strategy. Finally every acknowledged key is read through a random live node
+   (quorum read, R = 2): a wrong value, a missing key or a read that raises counts as lost. Right after
+   each kill the table shows how many keys were left below N copies, at one copy, and at none (lost in
+   storage). Rounds are bounded (``--max-rounds``); a ring that never gets every key back to N copies is
+   reported as NOT REACHED.
 2. Bytes per membership change. On a settled ring holding the keys (every copy on a true replica, none
-   elsewhere) one idle round is measured (the steady cost of a round on a correct ring, where no
-   stabilize sweep is needed: fix_fingers lookups, the replica lookups and digests of maintain),
-   then, one after another: one node joins, one leaves gracefully (``await node.leave()``), one crashes
-   (``network.kill``). After each, rounds run until the ring is settled again; the table gives the RPCs,
-   the bytes (all methods, and the ``kv.*`` methods' share), the records carried by ``kv.store`` requests
-   and ``kv.compare`` answers, and the copies that a perfect hand-off had to create (pairs of key and
-   replica that are new in the true placement). The acknowledged keys are read back at the end too.
+   elsewhere; on a ``groups`` ring, every members view right too) one idle round is measured (the steady
+   cost of a round on a correct ring, where no stabilize sweep is needed: the surveys, fix_fingers
+   lookups, the replica lookups and digests of maintain), then, one after another: one node joins, one
+   leaves gracefully (``await node.leave()``), one crashes (``network.kill``). After each, rounds run
+   until the ring is settled again; the table gives the RPCs, the bytes (all methods, and the ``kv.*``
+   methods' and the surveys' shares), the records carried by ``kv.store`` requests and ``kv.compare``
+   answers, and the copies that a perfect hand-off had to create (pairs of key and replica that are new
+   in the true placement). The acknowledged keys are read back at the end too.
 
-"True replicas" come from an oracle: the replica-set rule of ``KVService.replica_set`` applied to the
-sorted ids of the live nodes, independent of any node's routing state.
+"True replicas" come from an oracle (:class:`Oracle`) computed from the sorted vnode ids of the live
+nodes, independent of any node's routing state or members view: for ``successor`` and ``multi-ring`` the
+replica-set rule of ``KVService.replica_set``; for ``groups`` the groups that ``Groups.groups`` forms from
+the live processes (so the oracle trusts that grouping code), checked independently on every use. For
+``groups`` rings the tables also show how many live nodes' members views still formed other groups at the
+end (views off), and a note under each table gives the groups' sizes before and after each change.
 
-Exit status: 1 if any acknowledged write was lost (in any scenario), else 0. A default run takes about
-15 s on one core of a 2-core machine.
+Exit status: 1 if any acknowledged write was lost (in any scenario) or an oracle check failed, else 0. A
+default run takes 2 to 4 minutes on a 2-core machine (32 vnodes a node), ``--vnodes 1`` under one, and
+the small run of the tests (``--nodes 6 --keys 120``) about 35 s.
 
-Run: python benchmarks/faults.py [--nodes 16] [--keys 2000] [--value-bytes 100] [--seed S]
-     [--max-rounds 50] [--max-sweeps 60] [--strategies successor,multi-ring]
+Run: python benchmarks/faults.py [--nodes 16] [--vnodes 32] [--keys 2000] [--value-bytes 100] [--seed S]
+     [--max-rounds 50] [--max-sweeps 60] [--strategies successor,multi-ring,groups]
      [--json out.json] [--baseline old.json]
 """
 
@@ -67,9 +94,11 @@ from balancer.keyspace import KeySpace
 from balancer.node import Node
 from balancer.plugin import plugin_manager
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
+from balancer.plugins.replication import Groups
 from balancer.survey import exact
+from balancer.types import Member
 
-STRATEGIES = ("successor", "multi-ring")
+STRATEGIES = ("successor", "multi-ring", "groups")
 N, W, R = 3, 2, 2
 HOUR = 3600.0
 # No maintenance loop fires by itself: the script drives every step (as tests/helpers.py's QUIET does).
@@ -78,7 +107,10 @@ QUIET: dict[str, Any] = {
     "fix_fingers_interval": HOUR,
     "check_predecessor_interval": HOUR,
     "anti_entropy_interval": HOUR,
+    "survey_interval": HOUR,  # the rounds survey instead (see survey_all), never a timer mid-run
 }
+SURVEY = "ring.describe"
+"""The RPC of a survey (one per other live process); ``ring.place`` asks for one at a vnode join too."""
 
 
 # -- the network and what it carried ----------------------------------------------------------------
@@ -108,8 +140,10 @@ class Traffic:
 
     calls: int
     kv_calls: int
+    survey_calls: int
     bytes: int
     kv_bytes: int
+    survey_bytes: int
     records: int
 
     @classmethod
@@ -118,8 +152,10 @@ class Traffic:
         return cls(
             sum(network.calls.values()),
             sum(v for k, v in network.calls.items() if k.startswith("kv.")),
+            network.calls[SURVEY],
             sum(network.bytes.values()),
             sum(v for k, v in network.bytes.items() if k.startswith("kv.")),
+            network.bytes[SURVEY],
             network.records,
         )
 
@@ -127,8 +163,10 @@ class Traffic:
         return Traffic(
             self.calls - other.calls,
             self.kv_calls - other.kv_calls,
+            self.survey_calls - other.survey_calls,
             self.bytes - other.bytes,
             self.kv_bytes - other.kv_bytes,
+            self.survey_bytes - other.survey_bytes,
             self.records - other.records,
         )
 
@@ -148,6 +186,8 @@ class Ring:
     made: list[Node] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     """Errors raised by the protocol steps the script drove, by ``step: ErrorName``."""
+    violations: Counter[str] = field(default_factory=Counter)
+    """Breaches of the oracle's own checks over the whole run (see :class:`Oracle`)."""
 
     @property
     def strategy(self) -> ReplicationStrategy:
@@ -217,6 +257,7 @@ async def build_ring(strategy: str, count: int, seed: int, vnodes: int = 0) -> R
     await stabilize_until_correct(ring, rng, 10 * count)
     for node in ring.live:
         await step(ring, "fix_fingers", node.ring.fix_all())
+    await survey_all(ring)
     return ring
 
 
@@ -249,9 +290,20 @@ async def stabilize_until_correct(ring: Ring, rng: random.Random, limit: int) ->
     return limit
 
 
+async def survey_all(ring: Ring) -> None:
+    """Every live node surveys the ring (``Node.ring_status``: one ``ring.describe`` to each other
+    process it knows or finds), which refreshes its members view as its own surveyor would after a
+    change it saw."""
+    for node in ring.live:
+        await step(ring, "survey", node.ring_status())
+
+
 async def repair_round(ring: Ring, rng: random.Random, max_sweeps: int) -> int:
     """One round (see the module doc); returns the stabilize sweeps it took."""
+    for node in ring.live:  # a round stands for a maintenance interval: learned routes expired by then
+        node.ring.forget_routes()
     sweeps = await stabilize_until_correct(ring, rng, max_sweeps)
+    await survey_all(ring)
     for node in ring.live:
         await step(ring, "fix_fingers", node.ring.fix_all())
     for node in ring.live:
@@ -266,31 +318,127 @@ async def repair_round(ring: Ring, rng: random.Random, max_sweeps: int) -> int:
 # -- where the keys are, and where they should be ---------------------------------------------------
 
 
-def true_replicas(ring: Ring, key: bytes) -> frozenset[str]:
-    """The addresses of ``key``'s replicas on a correct ring of the live nodes.
+class Oracle:
+    """The true replicas of every key on a correct ring of the live nodes, from their sorted vnode ids,
+    independent of any node's routing state or members view.
 
-    The rule of ``KVService.replica_set``: for each position the strategy names, the first process of
-    the walk from that position's owner (vnode ids in order, each process once) not chosen yet; then the
-    rest from the last walk.
+    ``successor`` and ``multi-ring``: the rule of ``KVService.replica_set`` over the default ``place``:
+    for each position the strategy names, the first process of the walk from that position's owner
+    (vnode ids in order, each process once) not chosen yet; then the rest from the last walk.
+
+    ``groups``: the live processes form groups as :meth:`Groups.groups` forms them (a fresh ``Groups``
+    of the ring's ``groups.size``, given one :class:`Member` per live node with its vnode ids). The oracle
+    reuses that grouping code rather than re-implementing it, so it trusts it: a bug in how groups are
+    formed would show in both the nodes and the oracle. What it does not trust is checked here, on every
+    oracle: the groups partition the live processes, each is a run of consecutive processes in ring
+    order (by first vnode id) of at least ``size`` of them (or the whole ring, if it is no larger), and
+    each key's replicas are N distinct processes of its owner's group, the owner first. A key's replicas
+    are its owner (the process of the first vnode at or after the key's id) and the processes after it
+    in its group, wrapping inside the group. Breaches are counted in :attr:`violations` (the ring's
+    :attr:`Ring.violations`).
     """
-    ordered = sorted(v.info for node in ring.live for v in node.ring.vnodes)
-    ids = [info.id for info in ordered]
-    count = len(ordered)
-    chosen: list[str] = []
-    after: list[str] = []
-    for position in ring.strategy.positions(key, N, ring.space):
-        first = bisect.bisect_left(ids, position) % count
-        walk = (ordered[(first + k) % count].address for k in range(count))
-        after = list(dict.fromkeys(walk))[: ring.config.successors]
-        pick = next((address for address in after if address not in chosen), None)
-        if pick is not None:
-            chosen.append(pick)
-    for address in after:
-        if len(chosen) >= N:
-            break
-        if address not in chosen:
-            chosen.append(address)
-    return frozenset(chosen[:N])
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.ordered = sorted(v.info for node in ring.live for v in node.ring.vnodes)
+        self.ids = [info.id for info in self.ordered]
+        self.violations = ring.violations
+        """Breaches of the checks above, by what was breached (the ring's counter, kept for the run)."""
+        self.size = 0
+        """``groups.size`` of a ``groups`` ring (0 for the other strategies)."""
+        self.groups: list[list[str]] = []
+        """The live processes' groups, in ring order, as ``Groups.groups`` forms them (``groups`` only)."""
+        self._group_of: dict[str, int] = {}
+        self._cache: dict[bytes, frozenset[str]] = {}
+        strategy = ring.strategy
+        if isinstance(strategy, Groups):
+            self.size = strategy.size
+            self.groups = [list(g) for g in Groups(strategy.size).groups(live_members(ring))]
+            self._group_of = {a: i for i, group in enumerate(self.groups) for a in group}
+            self._check_groups()
+
+    def replicas(self, key: bytes) -> frozenset[str]:
+        """The addresses of ``key``'s N replicas (fewer only on a smaller ring)."""
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = frozenset(
+                self._in_group(key) if self.groups else self._by_positions(key)
+            )
+        return found
+
+    def group(self, address: str) -> int | None:
+        """The index of the group ``address`` belongs to (``None``: no such live process, or no groups)."""
+        return self._group_of.get(address)
+
+    def owner(self, ident: int) -> str:
+        """The process of the first live vnode at or after ``ident``."""
+        return self.ordered[bisect.bisect_left(self.ids, ident) % len(self.ordered)].address
+
+    def _by_positions(self, key: bytes) -> list[str]:
+        count = len(self.ordered)
+        chosen: list[str] = []
+        after: list[str] = []
+        for position in self.ring.strategy.positions(key, N, self.ring.space):
+            first = bisect.bisect_left(self.ids, position) % count
+            walk = (self.ordered[(first + k) % count].address for k in range(count))
+            after = list(dict.fromkeys(walk))[: self.ring.config.successors]
+            pick = next((address for address in after if address not in chosen), None)
+            if pick is not None:
+                chosen.append(pick)
+        for address in after:
+            if len(chosen) >= N:
+                break
+            if address not in chosen:
+                chosen.append(address)
+        return chosen[:N]
+
+    def _in_group(self, key: bytes) -> list[str]:
+        owner = self.owner(self.ring.space.id(key))
+        group = self.groups[self._group_of[owner]]
+        start = group.index(owner)
+        chosen = (group[start:] + group[:start])[:N]
+        # the independent check of this key's replicas: N distinct live processes of one group
+        if len(set(chosen)) != min(N, len(self.ring.live)):
+            self.violations["replicas not N distinct processes"] += 1
+        if len({self._group_of.get(a) for a in chosen}) != 1:
+            self.violations["replicas in more than one group"] += 1
+        return chosen
+
+    def _check_groups(self) -> None:
+        """Check the groups the trusted grouping code formed against the rule it promises."""
+        firsts = sorted((min(member.ids), member.address) for member in live_members(self.ring))
+        ring_order = [address for _, address in firsts]
+        placed = [address for group in self.groups for address in group]
+        if sorted(placed) != sorted(ring_order):
+            self.violations["groups do not partition the live processes"] += 1
+            return
+        position = {address: i for i, address in enumerate(ring_order)}
+        count = len(ring_order)
+        for group in self.groups:
+            if len(group) < min(self.size, count):
+                self.violations["group smaller than groups.size"] += 1
+            first = position[group[0]]
+            if [position[a] for a in group] != [(first + k) % count for k in range(len(group))]:
+                self.violations["group not consecutive along the ring"] += 1
+
+
+def live_members(ring: Ring) -> tuple[Member, ...]:
+    """One :class:`Member` per live node (address and vnode ids, up), as a correct survey would find."""
+    return tuple(
+        Member(node.address, tuple(sorted(v.info.id for v in node.ring.vnodes)))
+        for node in sorted(ring.live, key=lambda n: n.address)
+    )
+
+
+def stale_views(ring: Ring, oracle: Oracle) -> int:
+    """Live nodes whose members view forms other groups than the live processes do (``groups`` only;
+    0 for the others, whose placement does not read the view)."""
+    strategy = ring.strategy
+    if not isinstance(strategy, Groups):
+        return 0
+    return sum(
+        [list(g) for g in Groups(strategy.size).groups(node.members())] != oracle.groups for node in ring.live
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +457,10 @@ class Census:
     """Keys with more than N copies."""
     misplaced: int
     """Keys whose holders are not exactly their true replicas."""
+    stale: int
+    """Live nodes whose members view forms other groups than the live processes (``groups`` only)."""
+    groups: list[int]
+    """The sizes of the live processes' groups, in ring order (``groups`` only, else empty)."""
     holders: dict[bytes, frozenset[str]]
 
     @property
@@ -318,8 +470,9 @@ class Census:
 
     @property
     def settled(self) -> bool:
-        """Every key is on exactly its true replicas."""
-        return self.at_n and self.misplaced == 0
+        """Every key is on exactly its true replicas, and (``groups``) every live node's members view
+        forms the groups the live processes form: the next client operation places keys right too."""
+        return self.at_n and self.misplaced == 0 and self.stale == 0
 
 
 async def census(ring: Ring, acked: dict[bytes, bytes]) -> Census:
@@ -333,13 +486,16 @@ async def census(ring: Ring, acked: dict[bytes, bytes]) -> Census:
                 good.add(record.key)
     keys = set(holders) | set(acked)
     counts = {key: len(holders.get(key, ())) for key in keys}
+    oracle = Oracle(ring)
     return Census(
         keys=len(keys),
         below=sum(c < N for c in counts.values()),
         one=sum(c == 1 for c in counts.values()),
         none=sum(key not in good for key in acked),
         above=sum(c > N for c in counts.values()),
-        misplaced=sum(frozenset(holders.get(key, ())) != true_replicas(ring, key) for key in keys),
+        misplaced=sum(frozenset(holders.get(key, ())) != oracle.replicas(key) for key in keys),
+        stale=stale_views(ring, oracle),
+        groups=[len(group) for group in oracle.groups],
         holders={key: frozenset(nodes) for key, nodes in holders.items()},
     )
 
@@ -390,7 +546,8 @@ async def repair(
     max_sweeps: int,
     min_rounds: int = 0,
 ) -> Repair:
-    """Run rounds until every key is on exactly its true replicas (and ``min_rounds`` ran), at most
+    """Run rounds until every key is on exactly its true replicas and every members view is right
+    (:attr:`Census.settled`; and ``min_rounds`` ran), at most
     ``max_rounds``.
 
     The seconds count the rounds only, not the census taken after each.
@@ -475,6 +632,9 @@ def repair_fields(result: Repair) -> dict[str, Any]:
         "sweeps": result.sweeps,
         "repair_bytes": result.traffic.bytes,
         "repair_kv_bytes": result.traffic.kv_bytes,
+        "repair_survey_bytes": result.traffic.survey_bytes,
+        "end_stale_views": result.last.stale,
+        "groups_after": result.last.groups,
         "end_below": result.last.below,
         "end_above": result.last.above,
         "end_misplaced": result.last.misplaced,
@@ -506,6 +666,7 @@ async def bench_durability(strategy: str, variant: str, args: argparse.Namespace
     try:
         started = time.perf_counter()
         acked, failed = await write_keys(ring, args.keys, args.value_bytes, rng)
+        oracle = Oracle(ring)
         common = {
             "section": "durability",
             "strategy": strategy,
@@ -518,6 +679,7 @@ async def bench_durability(strategy: str, variant: str, args: argparse.Namespace
         if variant == "sequential":
             for loss in (1, 2):
                 victims = [rng.choice(ring.live)]
+                common["groups"] = [len(group) for group in Oracle(ring).groups]
                 await ring.crash(victims[0])
                 state = await census(ring, acked)
                 result = await repair(ring, acked, rng, args.max_rounds, args.max_sweeps)
@@ -534,6 +696,8 @@ async def bench_durability(strategy: str, variant: str, args: argparse.Namespace
         else:
             first = rng.choice(ring.live)
             victims = [first, successor_of(ring, first)]
+            common["groups"] = [len(group) for group in oracle.groups]
+            common["pair_groups"] = len({oracle.group(v.address) for v in victims}) if oracle.groups else None
             for victim in victims:  # no step of the protocol runs between the two kills
                 await ring.crash(victim)
             state = await census(ring, acked)
@@ -550,6 +714,7 @@ async def bench_durability(strategy: str, variant: str, args: argparse.Namespace
             )
         rows[-1].update(read_fields(await read_back(ring, acked, rng)))
         rows[-1]["step_errors"] = dict(ring.errors)
+        rows[-1]["oracle_violations"] = dict(ring.violations)
     finally:
         await ring.close()
     return rows
@@ -563,9 +728,10 @@ def copies_moved(before: dict[bytes, frozenset[str]], ring: Ring) -> tuple[int, 
     placement of the live nodes.
     """
     live = {node.address for node in ring.live}
+    oracle = Oracle(ring)
     created = dropped = 0
     for key, held in before.items():
-        wanted = true_replicas(ring, key)
+        wanted = oracle.replicas(key)
         created += len(wanted - held)
         dropped += len((held & live) - wanted)  # a dead or departed node's copies vanish by themselves
     return created, dropped
@@ -620,12 +786,15 @@ async def bench_membership(strategy: str, args: argparse.Namespace) -> list[dict
                 "end_below": state.below,
                 "end_above": state.above,
                 "end_misplaced": state.misplaced,
+                "end_stale_views": state.stale,
+                "groups_after": state.groups,
                 **traffic_fields(Traffic.of(ring.network) - before),
             }
         )
         for event in ("join", "leave", "crash"):
             size = len(ring.live)
-            holders = (await census(ring, acked)).holders
+            start = await census(ring, acked)
+            holders = start.holders
             before = Traffic.of(ring.network)
             started = time.perf_counter()
             if event == "join":
@@ -644,6 +813,7 @@ async def bench_membership(strategy: str, args: argparse.Namespace) -> list[dict
                     **common,
                     "variant": event,
                     "nodes": f"{size} → {len(ring.live)}",
+                    "groups": start.groups,
                     "copies_created": created,
                     "copies_dropped": dropped,
                     **repair_fields(result),
@@ -655,6 +825,7 @@ async def bench_membership(strategy: str, args: argparse.Namespace) -> list[dict
         rows[-1].update(read_fields(await read_back(ring, acked, rng)))
         rows[-1]["write_failed"] = dict(failed)
         rows[-1]["step_errors"] = dict(ring.errors)
+        rows[-1]["oracle_violations"] = dict(ring.violations)
     finally:
         await ring.close()
     return rows
@@ -665,8 +836,10 @@ def traffic_fields(traffic: Traffic) -> dict[str, Any]:
     return {
         "calls": traffic.calls,
         "kv_calls": traffic.kv_calls,
+        "survey_calls": traffic.survey_calls,
         "bytes": traffic.bytes,
         "kv_bytes": traffic.kv_bytes,
+        "survey_bytes": traffic.survey_bytes,
         "records": traffic.records,
     }
 
@@ -696,6 +869,34 @@ def reads_cell(row: dict[str, Any]) -> str:
     return f"{row['read_ok']:,} / {row['read_wrong']} / {row['read_missing']} / {errors(row['read_failed'])}"
 
 
+def repair_cell(row: Mapping[str, Any]) -> str:
+    """``total (kv / survey)`` kB of a repair."""
+    return (
+        f"{kb(row['repair_bytes'])} ({kb(row['repair_kv_bytes'])} / {kb(row.get('repair_survey_bytes', 0))})"
+    )
+
+
+def views_cell(row: Mapping[str, Any]) -> str:
+    """Live nodes whose members view was off at the end (``groups`` rings), or ``-``."""
+    return str(row["end_stale_views"]) if row.get("groups_after") else "-"
+
+
+def group_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """A line per change on a ``groups`` ring: the sizes of its groups before and after, and where an
+    adjacent pair fell."""
+    notes = []
+    for r in rows:
+        if not r.get("groups"):
+            continue
+        sizes = f"{', '.join(map(str, r['groups']))} → {', '.join(map(str, r['groups_after']))}"
+        line = f"- {r['strategy']}, {r['variant']}: processes per group {sizes}"
+        if r.get("pair_groups") is not None:
+            where = "one group" if r["pair_groups"] == 1 else f"{r['pair_groups']} groups"
+            line += f"; the pair killed ({' + '.join(r['killed'])}) was in {where}"
+        notes.append(line)
+    return [*notes, ""] if notes else []
+
+
 def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
     """The durability table."""
     head = [
@@ -709,7 +910,8 @@ def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
         "rounds (s) to N copies",
         "rounds (s) to exact placement",
         "stabilize sweeps",
-        "repair kB (kv kB)",
+        "repair kB (kv / survey kB)",
+        "views off at the end",
         "read back: ok / wrong / missing / failed",
         "lost",
     ] + (["baseline rounds"] if baseline else [])
@@ -727,7 +929,8 @@ def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
                 reached(r["rounds"], r["seconds"], r["max_rounds"]),
                 reached(r["rounds_settled"], r["seconds_settled"], r["max_rounds"]),
                 str(r["sweeps"]),
-                f"{kb(r['repair_bytes'])} ({kb(r['repair_kv_bytes'])})",
+                repair_cell(r),
+                views_cell(r),
                 reads_cell(r),
                 str(r["lost"]) if "lost" in r else "-",
                 *baseline.figure(r, "rounds", "d"),
@@ -735,11 +938,15 @@ def print_durability(rows: list[dict[str, Any]], baseline: Baseline) -> None:
         )
     print(
         f"### Durability (N = {N}, W = {W}, R = {R}). Keys written through random nodes, then nodes killed "
-        f"(kill -9); one round = stabilize until the ring is correct, fix_fingers, drain + maintain on "
-        f"every live node. Seconds are the rounds' wall-clock time. Lost = acknowledged keys read back "
+        f"(kill -9); one round = every node drops its learned routes, stabilize until the ring is correct, "
+        f"a survey from every live node, fix_fingers, drain + maintain on every live node. Seconds are the "
+        f"rounds' wall-clock time. Survey kB = ring.describe. Views off = live nodes whose members view "
+        f"forms other groups than the live processes (groups only). Lost = acknowledged keys read back "
         f"wrong, missing, or not at all.\n"
     )
     table(head, lines)
+    for line in group_notes(rows):
+        print(line)
 
 
 def print_membership(rows: list[dict[str, Any]], baseline: Baseline) -> None:
@@ -749,40 +956,48 @@ def print_membership(rows: list[dict[str, Any]], baseline: Baseline) -> None:
         "change",
         "nodes",
         "rounds (s) to settled",
-        "RPCs (kv)",
+        "RPCs (kv / survey)",
         "kB moved",
         "kv kB (share)",
+        "survey kB (share)",
         "records carried",
         "copies to create / drop",
         "kv bytes / copy created",
+        "views off at the end",
         "read back at the end: ok / wrong / missing / failed",
     ] + (["baseline kB"] if baseline else [])
     lines = []
     for r in rows:
         created = r["copies_created"]
+        survey = r.get("survey_bytes", 0)
         lines.append(
             [
                 r["strategy"],
                 r["variant"],
                 r["nodes"],
                 reached(r["rounds_settled"], r["seconds_settled"], r["max_rounds"]),
-                f"{r['calls']:,} ({r['kv_calls']:,})",
+                f"{r['calls']:,} ({r['kv_calls']:,} / {r.get('survey_calls', 0):,})",
                 kb(r["bytes"]),
                 f"{kb(r['kv_bytes'])} ({r['kv_bytes'] / max(r['bytes'], 1):.0%})",
+                f"{kb(survey)} ({survey / max(r['bytes'], 1):.0%})",
                 f"{r['records']:,}",
                 "-" if created is None else f"{created:,} / {r['copies_dropped']:,}",
                 f"{r['kv_bytes'] / created:,.0f}" if created else "-",
+                views_cell(r),
                 reads_cell(r),
                 *baseline.figure(r, "bytes", ",.1f", scale=1e-3),
             ]
         )
     print(
         "### Bytes per membership change, on a settled ring (every copy on a true replica, none elsewhere), "
-        "one change after another, each followed by rounds until settled again. kB = JSON bytes of "
-        "requests and answers, all methods (kv share in brackets); records carried = records in kv.store "
-        "requests and kv.compare answers; copies to create / drop = what a perfect hand-off does.\n"
+        "one change after another, each followed by rounds until settled again (a round as above, with its "
+        "survey from every live node). kB = JSON bytes of requests and answers, all methods (kv.* and "
+        "the surveys' ring.describe shares apart); records carried = records in kv.store requests and "
+        "kv.compare answers; copies to create / drop = what a perfect hand-off does.\n"
     )
     table(head, lines)
+    for line in group_notes(rows):
+        print(line)
 
 
 def summary(strategy: str, rows: list[dict[str, Any]]) -> str:
@@ -831,7 +1046,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vnodes", type=int, default=Config().vnodes, help="virtual nodes per node")
     parser.add_argument("--keys", type=int, default=2000, help="keys written")
     parser.add_argument("--value-bytes", type=int, default=100, help="bytes per value")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="replication strategies")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"replication strategies, comma-separated (default: all of {', '.join(STRATEGIES)})",
+    )
     parser.add_argument("--max-rounds", type=int, default=50, help="bound on repair rounds per phase")
     parser.add_argument("--max-sweeps", type=int, default=60, help="bound on stabilize sweeps per round")
     add_common_arguments(parser)
@@ -859,10 +1078,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         step_errors.update(r.get("step_errors", {}))
     print(f"protocol steps that raised: {errors(dict(step_errors))}")
+    violations = Counter[str]()
+    for r in rows:
+        violations.update(r.get("oracle_violations", {}))
+    if violations:
+        print(f"ORACLE CHECKS FAILED (its replicas cannot be trusted): {errors(dict(violations))}")
     print(f"acknowledged writes lost: {lost}")
     print(f"\ntotal runtime {time.perf_counter() - started:.0f} s")
     write_json(args.json, rows)
-    return 1 if lost else 0
+    return 1 if lost or violations else 0
 
 
 if __name__ == "__main__":
