@@ -51,6 +51,12 @@ def test_routed_app_example() -> None:
     assert "90 concurrent requests for one hot user were served by 3 backends" in out
 
 
+def test_asgi_routed_app_example() -> None:
+    out = run_example("asgi_routed_app.py")  # needs contrib/balancer-asgi[test], which CI installs
+    assert "same owners through another backend: True" in out
+    assert "90 concurrent requests for one hot user were served by 3 backends" in out
+
+
 def test_p2p_directory_example() -> None:
     out = run_example("p2p_directory.py")
     assert "python: ['ana', 'bo', 'cy', 'di']" in out
