@@ -8,9 +8,12 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -431,3 +434,17 @@ async def test_an_answer_that_breaks_after_its_head_raises() -> None:
                 await call(router, "GET", "/k")
         finally:
             await router.aclose()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.parametrize(
+    "snippet", re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL), ids=lambda s: "readme"
+)
+def test_the_readme_example_runs(snippet: str, tmp_path: Path) -> None:
+    """The package README's Python example builds its app as written, in a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr
