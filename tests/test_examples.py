@@ -99,5 +99,5 @@ def test_faults_benchmark_runs_small() -> None:
 
 
 def test_http_benchmarks_parse_their_options() -> None:
-    for script in ("middleware.py", "http_kv.py"):
+    for script in ("middleware.py", "http_kv.py", "asgi_router.py"):
         assert "--seconds" in run_script(BENCHMARKS / script, "--help")
