@@ -113,6 +113,9 @@ _BUFFERED = 1 << 16
 """An answer of known length up to this size goes back in one message; larger or unsized ones stream."""
 _CHUNK = 1 << 16
 """Most bytes of an answer's body per message sent back while streaming."""
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""Methods a request may be sent again with (RFC 9110 section 9.2.2) when the owner closed a kept-alive
+connection just as it went out."""
 _HOPS_RAW = HOPS_HEADER.lower().encode()
 _FORWARDED_RAW = FORWARDED_HEADER.lower().encode()
 
@@ -251,6 +254,31 @@ def _release(balancer: BoundedLoadBalancer, lease: Lease) -> None:
 
 class _ClientGone(Exception):
     """The client disconnected while its request's body was being passed on."""
+
+
+class _RequestBody:
+    """A request's body as aiohttp's client streams it up: the first piece, then each piece ASGI's
+    ``receive`` gives, as it arrives."""
+
+    def __init__(self, receive: Receive, first: bytes) -> None:
+        self._receive = receive
+        self._first = first
+        self.done = False
+        """Whether the body was read to its end."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        if self._first:
+            yield self._first
+        while not self.done:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone("the client disconnected while sending its request's body")
+            self.done = not message.get("more_body", False)
+            if data := message.get("body", b""):
+                yield data
 
 
 class RoutingMiddleware:
@@ -490,53 +518,31 @@ class RoutingMiddleware:
         first = await receive()
         if first["type"] == "http.disconnect":
             return  # the client is gone before a byte went out
-        body: bytes | AsyncIterator[bytes] | None
-        chunk: bytes = first.get("body", b"")
-        read_all = not first.get("more_body", False)
-        if read_all:
-            body = chunk or None
+        body: bytes | _RequestBody | None
+        if first.get("more_body", False):
+            body = _RequestBody(receive, first.get("body", b""))
         else:
-
-            async def stream() -> AsyncIterator[bytes]:
-                nonlocal read_all
-                if chunk:
-                    yield chunk
-                while not read_all:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise _ClientGone("the client disconnected while sending its request's body")
-                    read_all = not message.get("more_body", False)
-                    if data := message.get("body", b""):
-                        yield data
-
-            body = stream()
+            body = first.get("body", b"") or None
         started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            async with self._client().request(
-                scope["method"],
-                URL(url, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=self._client_timeout,
-                skip_auto_headers=_NO_AUTO_HEADERS,
-            ) as upstream:
-                named = _named(upstream.headers.get("Connection", "").encode("latin-1"))
-                passed = [
-                    (k, v)
-                    for k, v in upstream.raw_headers
-                    if (name := k.lower()) not in named and name.decode("latin-1") not in _NOT_RETURNED
-                ]
-                size = upstream.content_length
-                if size is not None and size <= _BUFFERED:
-                    payload = await upstream.read()
-                    await send({"type": "http.response.start", "status": upstream.status, "headers": passed})
-                    started = True
-                    await send({"type": "http.response.body", "body": payload, "more_body": False})
-                    return
-                await send({"type": "http.response.start", "status": upstream.status, "headers": passed})
-                started = True
-                await self._stream_back(upstream, receive if read_all else None, send)
+            try:
+                await self._exchange(
+                    scope["method"], url, headers, body, self._client_timeout, tracked, receive
+                )
+            except aiohttp.ServerDisconnectedError:
+                if started or isinstance(body, _RequestBody) or scope["method"] not in _IDEMPOTENT:
+                    raise
+                # the owner closed a kept-alive connection as the request went out: once more, afresh
+                timeout = aiohttp.ClientTimeout(total=max(0.0, deadline - loop.time()))
+                await self._exchange(scope["method"], url, headers, body, timeout, tracked, receive)
         except TimeoutError as exc:
             log.info("forwarding to %s timed out after %g s", owner, self.timeout)
             if started:
@@ -555,6 +561,43 @@ class RoutingMiddleware:
             )
         except UnicodeEncodeError:  # a header that was not UTF-8 cannot be written again
             await _error(send, 400, "BadRequestError", "the request's head cannot be forwarded as it is")
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | _RequestBody | None,
+        timeout: aiohttp.ClientTimeout,
+        send: Send,
+        receive: Receive,
+    ) -> None:
+        """One request to the owner, and its answer sent back (see :meth:`_forward`)."""
+        async with self._client().request(
+            method,
+            URL(url, encoded=True),
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
+            skip_auto_headers=_NO_AUTO_HEADERS,
+        ) as upstream:
+            named = _named(upstream.headers.get("Connection", "").encode("latin-1"))
+            passed = [
+                (k, v)
+                for k, v in upstream.raw_headers
+                if (name := k.lower()) not in named and name.decode("latin-1") not in _NOT_RETURNED
+            ]
+            size = upstream.content_length
+            if size is not None and size <= _BUFFERED:
+                payload = await upstream.read()
+                await send({"type": "http.response.start", "status": upstream.status, "headers": passed})
+                await send({"type": "http.response.body", "body": payload, "more_body": False})
+                return
+            await send({"type": "http.response.start", "status": upstream.status, "headers": passed})
+            # once the request's body was read whole, the client's receive() tells when it disconnects
+            whole = not isinstance(body, _RequestBody) or body.done
+            await self._stream_back(upstream, receive if whole else None, send)
 
     async def _stream_back(
         self, upstream: aiohttp.ClientResponse, receive: Receive | None, send: Send

@@ -448,3 +448,30 @@ def test_the_readme_example_runs(snippet: str, tmp_path: Path) -> None:
         [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_request_the_owner_dropped_unanswered_is_sent_again_only_if_idempotent() -> None:
+    """The owner closes every other connection without answering (as a backend does when its keep-alive
+    timeout ends just as a request goes out): a GET is sent once more, a POST is not."""
+    calls: list[str] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        calls.append(request.method)
+        if len(calls) % 2:
+            assert request.transport is not None
+            request.transport.close()
+        return web.json_response({"served_by": "owner", "call": len(calls)})
+
+    app = web.Application()
+    app.router.add_route("*", "/{key}", flaky)
+    async with aiohttp_server(app) as owner:
+        router = RoutingMiddleware(here, balancer=BoundedLoadBalancer([owner]), paths=["/{key}"])
+        try:
+            answer = await call(router, "GET", "/k")
+            assert (answer.status, answer.json()) == (200, {"served_by": "owner", "call": 2})
+            answer = await call(router, "POST", "/k", body=b"once")
+            assert answer.status == 502
+            assert answer.json()["error"]["type"] == "BadGateway"
+        finally:
+            await router.aclose()
+    assert calls == ["GET", "GET", "POST"]
