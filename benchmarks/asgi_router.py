@@ -16,12 +16,16 @@ concurrency (``--concurrency``, 64) the same seeded keys (``--keys``, 10,000) ar
 
 The table gives requests per second, p50 and p99 latency, failed requests, the CPU of each group of
 processes, and the ratio through / direct of requests per second. The load generator, server processes,
-CPU accounting and the table come from ``benchmarks/middleware.py`` (wrk when it is on the PATH, else a
-Python client); uvicorn runs with its default event loop and HTTP parser (uvloop and httptools when
-installed), named in the header line. Needs ``pip install -e 'contrib/balancer-asgi[test]'``.
+CPU accounting and the table come from ``benchmarks/middleware.py`` and ``benchmarks/_harness.py`` (wrk
+when it is on the PATH, else a Python client); uvicorn runs with its default event loop and HTTP parser
+(uvloop and httptools when installed), named in the header line. Needs
+``pip install -e 'contrib/balancer-asgi[test]'``.
 
 Run: python benchmarks/asgi_router.py [--seconds 10] [--warmup 1] [--concurrency 64] [--keys 10000]
      [--no-aiohttp] [--client auto|wrk|python] [--seed S] [--json out.json]
+
+Exit status: 0 when every measurement ran, whatever the figures; 1 when a process failed to start or
+run; 130 when interrupted (the servers are killed either way).
 """
 
 from __future__ import annotations
@@ -37,26 +41,30 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from _report import table
-from balancer_asgi import Receive, RoutingMiddleware, Scope, Send
-from middleware import (
+from _harness import (
     HOST,
     BenchError,
     Fleet,
+    failed,
+    free_port,
+    make_keys,
+    sigterm_interrupts,
+    table,
+    write_json,
+)
+from balancer_asgi import Receive, RoutingMiddleware, Scope, Send
+from middleware import (
     Load,
     add_load_arguments,
     caveats,
     choose_client,
     describe_client,
-    free_port,
     front_app,
-    make_keys,
     measure,
     measure_cells,
     measure_fields,
     serve,
     split,
-    write_json,
 )
 
 from balancer import BoundedLoadBalancer
@@ -189,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role:
         run_role(args)
         return 0
+    if args.baseline:
+        parser.error("this benchmark does not compare with a baseline (--json still saves its rows)")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if any(c < 3 for c in args.concurrency):
         parser.error("--concurrency must be at least 3 (the direct run splits it over three backends)")
@@ -205,9 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="balancer-bench-") as logs:
             rows = bench(args, client, Path(logs))
-    except BenchError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+    except (BenchError, KeyboardInterrupt) as exc:  # SIGINT, or SIGTERM (see below): servers killed by now
+        return failed(exc)
     print_rows(rows)
     for line in caveats(rows, row_key):
         print(line)
@@ -217,4 +226,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sigterm_interrupts()
     sys.exit(main())
