@@ -70,12 +70,17 @@ if TYPE_CHECKING:
 __all__ = [
     "FORWARDED_HEADER",
     "HOPS_HEADER",
+    "HOP_BY_HOP",
     "KEY_HEADER",
     "ROUTER",
     "BalancedSession",
     "MemberBalancer",
     "RingRouter",
     "default_key",
+    "forward_is_proven",
+    "parse_hops",
+    "proof_path",
+    "prove_forward",
     "setup_routing",
 ]
 
@@ -88,8 +93,7 @@ HOPS_HEADER = "X-Balancer-Hops"
 FORWARDED_HEADER = "X-Balancer-Forwarded"
 """``<timestamp ms>:<HMAC>``: proves a router sharing the secret forwarded the request with its hop count."""
 
-# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
         "Connection",
@@ -104,9 +108,11 @@ _HOP_BY_HOP = frozenset(
         "Host",
     )
 )
+"""Header names (lowercase) meaningful for one connection only, never forwarded (RFC 9110 section 7.6.1),
+and ``host``, which a forward writes for its owner."""
 
 
-_NOT_PASSED = _HOP_BY_HOP | {
+_NOT_PASSED = HOP_BY_HOP | {
     h.lower() for h in (HOPS_HEADER, FORWARDED_HEADER, "X-Forwarded-For", "X-Forwarded-Host")
 }
 """Request headers a forward never passes on: hop-by-hop ones, and the ones it writes itself."""
@@ -135,7 +141,7 @@ def _named(connection: str | None) -> frozenset[str]:
     return frozenset(t for t in (v.strip().lower() for v in connection.split(",")) if t)
 
 
-def _forwardable(headers: Mapping[str, str], always: frozenset[str] = _HOP_BY_HOP) -> list[tuple[str, str]]:
+def _forwardable(headers: Mapping[str, str], always: frozenset[str] = HOP_BY_HOP) -> list[tuple[str, str]]:
     """The headers of ``headers`` a proxy passes on: none of ``always``, nor any its ``Connection`` names."""
     named = _named(headers.get("Connection"))
     dropped = always | named if named else always
@@ -148,9 +154,42 @@ def _forward_proof(secret: str, hops: int, method: str, owner: str, path_qs: str
     return sign(secret, method, owner, timestamp, f"hops {hops}", path_qs.encode("utf-8", "surrogatepass"))
 
 
-def _hops(request: web.Request) -> int:
-    """The request's hop count; raises :class:`BadRequestError` unless it is a small decimal number."""
-    given = request.headers.get(HOPS_HEADER)
+def prove_forward(secret: str, hops: int, method: str, owner: str, path_qs: str) -> str:
+    """The ``X-Balancer-Forwarded`` value for a forward to ``owner`` with hop count ``hops`` (the count the
+    owner receives), signed now. ``path_qs`` is the target's :func:`proof_path`.
+
+    Routers of other frameworks write and check forwards with this and :func:`forward_is_proven`, so that
+    they and this module's routers serve what the others forwarded.
+    """
+    timestamp = str(int(time.time() * 1000))
+    return f"{timestamp}:{_forward_proof(secret, hops, method, owner, path_qs, timestamp)}"
+
+
+def forward_is_proven(
+    secret: str, value: str, hops: int, method: str, owner: str, path_qs: str, max_skew: float
+) -> bool:
+    """Whether ``value``, an ``X-Balancer-Forwarded`` header, proves that a router holding ``secret``
+    forwarded this request (``method``, ``path_qs`` as :func:`proof_path` gives it) to ``owner`` with this
+    hop count, less than ``max_skew`` seconds ago (by this machine's clock)."""
+    timestamp, _, proof = value.partition(":")
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 16 and proof.isascii()):
+        return False
+    if abs(time.time() - int(timestamp) / 1000) > max_skew:
+        return False
+    expected = _forward_proof(secret, hops, method, owner, path_qs, timestamp)
+    return hmac.compare_digest(expected, proof)
+
+
+def proof_path(target: str) -> str:
+    """The form of a request target (origin form, as sent: ``/a%20b?q=1``) that a forward's proof signs:
+    the decoded path and query, as aiohttp's ``request.rel_url.path_qs`` gives them."""
+    path, _, query = target.partition("#")[0].partition("?")
+    return URL.build(path=path, query_string=query, encoded=True).path_qs
+
+
+def parse_hops(given: str | None) -> int:
+    """The hop count an ``X-Balancer-Hops`` value says (0 when absent); raises :class:`BadRequestError`
+    unless it is a decimal number of at most three ASCII digits."""
     if given is None:
         return 0
     # isdigit alone accepts "²" and other digits int() refuses; ASCII and short keeps int() total
@@ -306,7 +345,7 @@ class _Answer(NamedTuple):
     """Whether the connection may carry another exchange once this body is read."""
 
 
-_FRAMING = _HOP_BY_HOP | {"content-length"}
+_FRAMING = HOP_BY_HOP | {"content-length"}
 """Answer headers that say how the answer is framed, or are hop-by-hop: looked at one by one."""
 
 
@@ -898,7 +937,7 @@ class RingRouter:
             if key is None:
                 return await handler(request)
             try:
-                hops_done = _hops(request)
+                hops_done = parse_hops(request.headers.get(HOPS_HEADER))
             except BadRequestError as exc:
                 return _error(400, "BadRequestError", str(exc))
             local = self.local if self.local is not None or self.node is None else self.node.address
@@ -923,15 +962,10 @@ class RingRouter:
         lately."""
         if self.secret is None:
             return False
-        timestamp, _, proof = request.headers.get(FORWARDED_HEADER, "").partition(":")
-        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 16 and proof.isascii()):
-            return False
-        if abs(time.time() - int(timestamp) / 1000) > self.max_skew:
-            return False
-        expected = _forward_proof(
-            self.secret, hops, request.method, local, request.rel_url.path_qs, timestamp
+        value = request.headers.get(FORWARDED_HEADER, "")
+        return forward_is_proven(
+            self.secret, value, hops, request.method, local, request.rel_url.path_qs, self.max_skew
         )
-        return hmac.compare_digest(expected, proof)
 
     async def _balanced(
         self,
@@ -981,11 +1015,8 @@ class RingRouter:
         (with a secret) and the ``X-Forwarded-`` pair. ``named``: what the request's ``Connection`` lists."""
         headers = [(HOPS_HEADER, str(hops + 1))]
         if self.secret is not None:
-            timestamp = str(int(time.time() * 1000))
-            proof = _forward_proof(
-                self.secret, hops + 1, request.method, owner, request.rel_url.path_qs, timestamp
-            )
-            headers.append((FORWARDED_HEADER, f"{timestamp}:{proof}"))
+            proof = prove_forward(self.secret, hops + 1, request.method, owner, request.rel_url.path_qs)
+            headers.append((FORWARDED_HEADER, proof))
         before = None if "x-forwarded-for" in named else request.headers.get("X-Forwarded-For")
         headers.append(("X-Forwarded-For", ", ".join(filter(None, [before, request.remote]))))
         headers.append(("X-Forwarded-Host", request.host))

@@ -51,6 +51,12 @@ def test_routed_app_example() -> None:
     assert "90 concurrent requests for one hot user were served by 3 backends" in out
 
 
+def test_asgi_routed_app_example() -> None:
+    out = run_example("asgi_routed_app.py")  # needs contrib/balancer-asgi[test], which CI installs
+    assert "same owners through another backend: True" in out
+    assert "90 concurrent requests for one hot user were served by 3 backends" in out
+
+
 def test_p2p_directory_example() -> None:
     out = run_example("p2p_directory.py")
     assert "python: ['ana', 'bo', 'cy', 'di']" in out
@@ -93,5 +99,5 @@ def test_faults_benchmark_runs_small() -> None:
 
 
 def test_http_benchmarks_parse_their_options() -> None:
-    for script in ("middleware.py", "http_kv.py"):
+    for script in ("middleware.py", "http_kv.py", "asgi_router.py"):
         assert "--seconds" in run_script(BENCHMARKS / script, "--help")
