@@ -914,7 +914,10 @@ class RingRouter:
             self.members.start()
         try:
             connector = aiohttp.TCPConnector(limit=self.connections)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            # no cookie jar: a Set-Cookie from one owner must never ride along on other clients' requests
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
             self._pool = _Pool(self.connections, tick=min(1.0, max(0.01, self.timeout / 10)))
             try:
                 yield

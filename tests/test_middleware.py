@@ -274,3 +274,49 @@ def test_router_arguments_are_checked() -> None:
         RingRouter(balancer=BoundedLoadBalancer(["a"]), mode="teleport")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_hops"):
         RingRouter(balancer=BoundedLoadBalancer(["a"]), max_hops=0)
+
+
+async def test_a_cookie_an_owner_sets_never_reaches_another_clients_request() -> None:
+    """The router's own HTTP client keeps no cookies: one client's Set-Cookie, from an owner reached by
+    host name, must not ride along on the next client's request to it."""
+
+    async def set_cookie(request: web.Request) -> web.Response:
+        await request.read()
+        response = web.Response(text="set")
+        response.set_cookie("session", "client-one-secret")
+        return response
+
+    async def show(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text=request.headers.get("Cookie", "none"))
+
+    owner = web.Application()
+    owner.router.add_post("/set/{key}", set_cookie)
+    owner.router.add_post("/show/{key}", show)
+    owner_socket, front_socket = bound_socket(), bound_socket()
+    owner_name = f"localhost:{owner_socket.getsockname()[1]}"  # a host name: cookie jars keep those
+    front = web.Application()
+    setup_routing(front, balancer=BoundedLoadBalancer([owner_name]), local="front.invalid:1")
+    front.router.add_post("/set/{key}", refuse)  # the key comes from the route; the owner serves it
+    front.router.add_post("/show/{key}", refuse)
+    runners = [web.AppRunner(owner), web.AppRunner(front)]
+    try:
+        for runner, sock in zip(runners, (owner_socket, front_socket), strict=True):
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+        base = f"http://127.0.0.1:{front_socket.getsockname()[1]}"
+
+        async def body() -> AsyncIterator[bytes]:  # a streamed body: the router's aiohttp client path
+            yield b"x" * 10
+
+        async with aiohttp.ClientSession() as first, first.post(f"{base}/set/k", data=body()) as resp:
+            assert resp.status == 200
+            assert "client-one-secret" in resp.headers.get("Set-Cookie", "")  # passed on to its client
+        async with aiohttp.ClientSession() as second, second.post(f"{base}/show/k", data=body()) as resp:
+            assert resp.status == 200
+            assert await resp.text() == "none"
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        owner_socket.close()
+        front_socket.close()
