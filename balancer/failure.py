@@ -31,7 +31,7 @@ from typing import Any
 
 from balancer.errors import BalancerError, PeerUnreachableError
 
-__all__ = ["FailureDetector", "PeerHealth"]
+__all__ = ["STALL", "FailureDetector", "PeerHealth"]
 
 _LOG10_E = math.log10(math.e)
 _REFUSING_KEPT = 4096  # addresses remembered in FailureDetector.refusing at most
@@ -63,6 +63,10 @@ class PeerHealth:
     """Whether the last call found no process listening: failed without doubt."""
 
 
+STALL = 0.5
+"""Seconds past twice its timeout that a failed call must end for this process to count as stalled."""
+
+
 class FailureDetector:
     """Per-peer round-trip statistics and suspicion, fed by every call a node makes.
 
@@ -86,6 +90,9 @@ class FailureDetector:
         self.refusing: set[str] = set()
         """Peers whose last call found no process listening (kept after :meth:`forget`): dead, not cut
         off, so they do not count as members this node cannot see (see ``Config.partition_memory``)."""
+        self.resumed_at = float("-inf")
+        """When this process last came back from a stall (it was paused, or its event loop blocked): no
+        peer's silence counts from before then, since nobody was listening."""
 
     def _health(self, address: str) -> PeerHealth:
         health = self._peers.get(address)
@@ -125,7 +132,7 @@ class FailureDetector:
         """Record a call to ``address``, made at ``since`` (now by default), that failed with ``exc``."""
         health = self._health(address)
         if health.waiting_since is None:
-            health.waiting_since = self._clock() if since is None else since
+            health.waiting_since = max(self._clock() if since is None else since, self.resumed_at)
         health.suspect = True
         health.refused = exc.refused
         self.silent.add(address)
@@ -143,14 +150,15 @@ class FailureDetector:
         health = self._peers.get(address)
         if health is None or health.waiting_since is None:
             return 0.0
-        return max(0.0, self._clock() - health.waiting_since) / health.interval * _LOG10_E
+        silence = self._clock() - max(health.waiting_since, self.resumed_at)
+        return max(0.0, silence) / health.interval * _LOG10_E
 
     def silent_for(self, address: str) -> float:
         """Seconds since the first call to ``address`` that is still unanswered (0 if none is)."""
         health = self._peers.get(address)
         if health is None or health.waiting_since is None or not health.suspect:
             return 0.0
-        return self._clock() - health.waiting_since
+        return max(0.0, self._clock() - max(health.waiting_since, self.resumed_at))
 
     def suspect(self, address: str) -> bool:
         """Whether the last call to ``address`` failed (routing should prefer other peers)."""
@@ -174,9 +182,15 @@ class FailureDetector:
 
         async def monitored(address: str, method: str, payload: dict[str, Any], timeout: float) -> Any:
             started = self._clock()
+            limit = self.timeout(address, timeout)
             try:
-                answer = await call(address, method, payload, self.timeout(address, timeout))
+                answer = await call(address, method, payload, limit)
             except PeerUnreachableError as exc:
+                now = self._clock()
+                if now - started > 2 * limit + STALL:
+                    # the timeout fired far too late: this process was not running (SIGSTOP, a long GC,
+                    # a blocked loop), so the silence is its own, not the peer's
+                    self.resumed_at = now
                 self.missed(address, exc, since=started)
                 raise
             except BalancerError:  # an error answer is still an answer: the peer is alive

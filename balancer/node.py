@@ -61,6 +61,8 @@ __all__ = ["Node"]
 
 log = logging.getLogger(__name__)
 
+STALL_TICK = 0.25
+"""Seconds between the checks that this process has been running (see ``Node._stall_watch``)."""
 VIEW_REUSE = 0.5
 """Seconds a ``GET /ring`` survey's result answers later requests (see :meth:`Node.ring_view`)."""
 
@@ -176,6 +178,7 @@ class Node(PublicApi):
             asyncio.create_task(self._maintainer()),
             asyncio.create_task(self._surveyor()),
             asyncio.create_task(self._reuniter()),
+            asyncio.create_task(self._stall_watch()),
         ]
         log.info(
             "%s: %s with %d virtual nodes",
@@ -786,6 +789,25 @@ class Node(PublicApi):
                 log.info("%s: surveying the ring failed: %s", self.ring.info, exc)
             except Exception:
                 log.exception("%s: surveying the ring crashed; it will run again", self.ring.info)
+
+    async def _stall_watch(self) -> None:
+        """Notice when this process stops running for longer than an RPC timeout (SIGSTOP, a long GC
+        pause, a blocked event loop) and tell the failure detector: the calls that timed out meanwhile
+        say nothing of the peers, so their silence counts from the moment this process runs again.
+        Without it, a node back from a pause sees every peer silent, declares them failed and answers
+        503 as if cut off. Its timer is the earliest to fire after a pause, before those timeouts."""
+        tick = STALL_TICK
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            late = time.monotonic() - before - tick
+            if late > self.config.rpc_timeout:
+                self.detector.resumed_at = time.monotonic()
+                log.warning(
+                    "%s: this process did not run for %.1f s (paused, or its loop blocked)",
+                    self.ring.info,
+                    late,
+                )
 
     async def _reuniter(self) -> None:
         """Every few stabilization rounds, try one process this node declared failed (round robin).

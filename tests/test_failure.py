@@ -205,3 +205,36 @@ def test_refusing_peers_are_remembered_after_they_are_forgotten() -> None:
     assert detector.refusing == {"dead:1"}  # dead, not cut off: it does not count against a majority
     detector.answered("dead:1", 0.01)  # back: a later silence is a silence again
     assert detector.refusing == set()
+
+
+async def test_a_stall_of_this_process_is_not_the_silence_of_its_peers() -> None:
+    """A process paused (SIGSTOP, a long GC) finds its calls timed out when it resumes, long after they
+    began: its peers did not fall silent, it stopped listening. Their silence counts from the resumption."""
+    clock = FakeClock()
+    detector = FailureDetector(1.0, threshold=8.0, clock=clock)
+    for address in ("a:1", "b:1"):
+        for _ in range(10):
+            clock.now += 0.5
+            detector.answered(address, 0.01)
+
+    async def frozen(address: str, method: str, payload: dict[str, Any], timeout: float) -> Any:
+        clock.now += 30.0  # the process was stopped for 30 s while this call waited
+        raise _timeout(address)
+
+    async def timed_out(address: str, method: str, payload: dict[str, Any], timeout: float) -> Any:
+        clock.now += timeout  # an ordinary timeout: the peer did not answer in time
+        raise _timeout(address)
+
+    with pytest.raises(PeerUnreachableError):
+        await detector.monitor(frozen)("a:1", "m", {}, 1.0)
+    assert detector.suspect("a:1")
+    assert detector.silent_for("a:1") == 0.0  # not 30 s: nobody was listening
+    assert not detector.failed("a:1")
+    with pytest.raises(PeerUnreachableError):
+        await detector.monitor(timed_out)("b:1", "m", {}, 1.0)
+    assert detector.silent_for("b:1") == 1.0  # an ordinary timeout after the resumption counts whole
+    clock.now += 3.0
+    assert detector.silent_for("a:1") == 4.0  # and so does silence after it (b's call took 1 s)
+    with pytest.raises(PeerUnreachableError):
+        await detector.monitor(timed_out)("b:1", "m", {}, 1.0)  # the first call left unanswered stands
+    assert detector.silent_for("b:1") == 6.0  # 1 + 3 + 2 (the second timeout backed off to 2 s)
