@@ -205,13 +205,13 @@ class QuorumError(RingError):
 class CutOffError(QuorumError):
     """This node sees no majority of the ring's members up (it is on the minority side of a partition,
     or most members fell silent within ``partition_memory``), or it is merging rings after a partition
-    and has not synced yet; it serves no reads or writes meanwhile (HTTP 503)."""
+    (or back from a long pause) and has not synced yet; it serves no reads or writes meanwhile (HTTP 503)."""
 
     def __init__(self, up: int, members: int, *, rejoining: bool = False) -> None:
         RingError.__init__(
             self,
-            "this node is merging rings after a partition, and serves no reads or writes until it has "
-            "synced with the whole ring"
+            "this node is syncing with the ring again (after a partition, or a pause long enough for the "
+            "ring to move on without it), and serves no reads or writes until it has synced"
             if rejoining
             else f"this node sees {up} of {members} ring members up, no majority: it may be cut off from "
             "the rest, and serves no reads or writes until it sees a majority again",

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 STALL_TICK = 0.25
 """Seconds between the checks that this process has been running (see ``Node._stall_watch``)."""
+REJOIN_AFTER = 6
+"""RPC timeouts a stall must last for this node to resync before it serves clients again."""
 VIEW_REUSE = 0.5
 """Seconds a ``GET /ring`` survey's result answers later requests (see :meth:`Node.ring_view`)."""
 
@@ -795,7 +797,12 @@ class Node(PublicApi):
         pause, a blocked event loop) and tell the failure detector: the calls that timed out meanwhile
         say nothing of the peers, so their silence counts from the moment this process runs again.
         Without it, a node back from a pause sees every peer silent, declares them failed and answers
-        503 as if cut off. Its timer is the earliest to fire after a pause, before those timeouts."""
+        503 as if cut off. Its timer is the earliest to fire after a pause, before those timeouts.
+
+        A stall long enough that the peers may have declared this node failed (they need at least nine
+        RPC timeouts of silence; :data:`REJOIN_AFTER` of them is the margin) means the ring may have
+        moved on without it: it serves no client operation until a maintenance pass has synced it with
+        the ring again, as after a partition."""
         tick = STALL_TICK
         while True:
             before = time.monotonic()
@@ -803,10 +810,16 @@ class Node(PublicApi):
             late = time.monotonic() - before - tick
             if late > self.config.rpc_timeout:
                 self.detector.resumed_at = time.monotonic()
+                rejoin = late > REJOIN_AFTER * self.config.rpc_timeout
+                if rejoin:
+                    self._rejoining = True
+                    self.kv.unsettle()
+                    self._membership_changed.set()  # a maintenance pass soon
                 log.warning(
-                    "%s: this process did not run for %.1f s (paused, or its loop blocked)",
+                    "%s: this process did not run for %.1f s (paused, or its loop blocked)%s",
                     self.ring.info,
                     late,
+                    "; it serves again once it has synced with the ring" if rejoin else "",
                 )
 
     async def _reuniter(self) -> None:

@@ -4,14 +4,17 @@ one failed at once; and the coordinator paths that give up on a peer leave nothi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import time
 from typing import Any
 
 import pytest
-from helpers import RingFactory, addresses
+from helpers import RingFactory, addresses, http_ring, until
 
-from balancer.errors import PeerUnreachableError, QuorumError
+from balancer.errors import CutOffError, PeerUnreachableError, QuorumError
 from balancer.failure import FailureDetector
+from balancer.node import REJOIN_AFTER
 from balancer.plugins.local_transport import LocalNetwork
 
 
@@ -238,3 +241,32 @@ async def test_a_stall_of_this_process_is_not_the_silence_of_its_peers() -> None
     with pytest.raises(PeerUnreachableError):
         await detector.monitor(timed_out)("b:1", "m", {}, 1.0)  # the first call left unanswered stands
     assert detector.silent_for("b:1") == 6.0  # 1 + 3 + 2 (the second timeout backed off to 2 s)
+
+
+async def test_a_node_back_from_a_long_stall_syncs_before_it_serves() -> None:
+    """A process that did not run for longer than its peers need to declare it failed may come back to a
+    ring that moved on: it answers 503 until a maintenance pass synced it, then serves again. A shorter
+    stall only restarts the count of its peers' silence."""
+    timeout = 0.5  # a machine busy enough to stall the loop for six of these is not expected
+    settings = {"rpc_timeout": timeout, "replicas": 3, "write_quorum": 2, "read_quorum": 2}
+    async with http_ring(3, **settings) as nodes:
+        await nodes[0].put("k", b"v")
+        # the fault under test: the whole process stops running, as under SIGSTOP or a long GC pause
+        time.sleep(timeout * (REJOIN_AFTER + 2))  # noqa: ASYNC251
+        await until(lambda: nodes[0].detector.resumed_at > 0, "the stall being noticed")
+        with pytest.raises(CutOffError, match="syncing with the ring again"):
+            await nodes[0].get("k")
+
+        async def served() -> bool:
+            with contextlib.suppress(CutOffError):
+                return await nodes[0].get("k") == b"v"
+            return False
+
+        deadline = time.monotonic() + 30
+        while not await served():
+            assert time.monotonic() < deadline, "the node never served again"
+            await asyncio.sleep(0.05)
+        time.sleep(timeout * 2)  # noqa: ASYNC251 - a short stall: noticed, but nothing to resync
+        resumed = nodes[0].detector.resumed_at
+        await until(lambda: nodes[0].detector.resumed_at > resumed, "the short stall being noticed")
+        assert await nodes[0].get("k") == b"v"
