@@ -266,7 +266,7 @@ def test_the_plugin_registers_the_transport_through_its_entry_point() -> None:
     assert "grpc" in registry.transports.factories
     assert isinstance(registry.transport(Config(transport="grpc")), GrpcTransport)
     # the plugin module itself stays light: grpc is imported only by the transport
-    assert set(balancer_grpc.__all__) >= {"GrpcTransport"}
+    assert set(balancer_grpc.__all__) >= {"GrpcTransport", "RoutingInterceptor", "BalancedChannel"}
     assert "balancer_grpc.transport" in sys.modules  # imported above, on first use
 
 
