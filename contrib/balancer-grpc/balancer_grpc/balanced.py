@@ -13,7 +13,10 @@ candidate (the next backend of :meth:`~balancer.bounded.BoundedLoadBalancer.cand
 its first message.
 
 Each call also carries its key as ``x-balancer-key`` metadata, so a server behind a
-:class:`~balancer_grpc.routing.RoutingInterceptor` routes it by the same key.
+:class:`~balancer_grpc.routing.RoutingInterceptor` routes it by the same key. A client trusted with the
+secret those servers share (``secret=``) also proves its choice, as a forwarding server does: the server
+it chose serves the call instead of routing it again, so a call moved to the next candidate because its
+first choice is down is served there (the servers' own balancers may still name the server that is down).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import grpc
 from balancer.bounded import DEFAULT_LOAD_FACTOR, BoundedLoadBalancer, Lease
 from balancer.errors import BalancerError, CapacityError, ConfigError
 from balancer.middleware import MemberBalancer
-from balancer_grpc.routing import KEY_METADATA, Metadata
+from balancer_grpc.routing import FORWARDED_METADATA, HOPS_METADATA, KEY_METADATA, Metadata, forwarded
 
 if TYPE_CHECKING:
     from fractions import Fraction
@@ -65,6 +68,9 @@ class BalancedChannel:
     :param retry_codes: the statuses that move a call to the next candidate (``UNAVAILABLE``).
     :param credentials: TLS credentials of every channel (plain connections without).
     :param options: gRPC channel options of every channel.
+    :param secret: the secret the servers' routing interceptors share: each call carries the proof that
+        a holder chose its backend (see :func:`~balancer_grpc.routing.forwarded`), so that backend serves
+        it. The backends' names must then be the servers' ``local`` names.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class BalancedChannel:
         retry_codes: Collection[grpc.StatusCode] = (grpc.StatusCode.UNAVAILABLE,),
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        secret: str | None = None,
     ) -> None:
         if (backends is None) == (node is None):
             raise ConfigError("give exactly one of backends= (static targets) and node= (a ring's members)")
@@ -96,6 +103,7 @@ class BalancedChannel:
         self.retry_codes = frozenset(retry_codes)
         self.credentials = credentials
         self.options = list(options)
+        self.secret = secret
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closed = False
 
@@ -163,6 +171,10 @@ class BalancedChannel:
         await self.close()
 
 
+_WRITTEN = frozenset({KEY_METADATA, HOPS_METADATA, FORWARDED_METADATA})
+"""Metadata the channel writes itself: a caller's own entries of these names are dropped."""
+
+
 class _Balanced(Generic[Request, Response]):
     def __init__(
         self,
@@ -176,11 +188,16 @@ class _Balanced(Generic[Request, Response]):
         self.request_serializer = request_serializer
         self.response_deserializer = response_deserializer
 
-    @staticmethod
-    def _metadata(key: str, metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
-        given = [(k, v) for k, v in metadata or () if k != KEY_METADATA]
+    def _metadata(self, key: str, metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+        given = [(k, v) for k, v in metadata or () if k not in _WRITTEN]
         given.append((KEY_METADATA, key))
         return given
+
+    def _sent(self, backend: str, metadata: list[tuple[str, str | bytes]]) -> list[tuple[str, str | bytes]]:
+        """``metadata``, with the proof of the choice of ``backend`` when the channel has the secret."""
+        if self.owner.secret is None:
+            return metadata
+        return [*metadata, *forwarded(self.owner.secret, 1, self.method, backend)]
 
     @staticmethod
     def _remaining(deadline: float | None) -> float | None:
@@ -231,7 +248,9 @@ class BalancedUnaryUnary(_Balanced[Request, Response]):
                 multi = owner.channel(lease.node).unary_unary(
                     self.method, self.request_serializer, self.response_deserializer
                 )
-                return await multi(request, timeout=self._remaining(deadline), metadata=sent)
+                return await multi(
+                    request, timeout=self._remaining(deadline), metadata=self._sent(lease.node, sent)
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in owner.retry_codes:
                     raise
@@ -287,7 +306,9 @@ class BalancedUnaryStream(_Balanced[Request, Response]):
                 multi = owner.channel(lease.node).unary_stream(
                     self.method, self.request_serializer, self.response_deserializer
                 )
-                call = multi(request, timeout=self._remaining(deadline), metadata=sent)
+                call = multi(
+                    request, timeout=self._remaining(deadline), metadata=self._sent(lease.node, sent)
+                )
                 async for answer in call:
                     started = True
                     yield answer

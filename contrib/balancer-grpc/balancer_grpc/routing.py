@@ -62,6 +62,7 @@ __all__ = [
     "Metadata",
     "RequestKey",
     "RoutingInterceptor",
+    "forwarded",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,20 @@ def _proof(secret: str, hops: int, method: str, owner: str, timestamp: str) -> s
     """The HMAC of a forward, signed as ring RPCs are: the hop count in the nonce's place, the method path
     in the body's."""
     return sign(secret, _OWN, owner, timestamp, f"hops {hops}", method.encode("utf-8", "surrogatepass"))
+
+
+def forwarded(secret: str, hops: int, method: str, owner: str) -> list[tuple[str, str]]:
+    """The metadata of a call sent on to ``owner`` (its name among the routers' owners) for the
+    ``hops``-th time: the hop count and the proof that a holder of ``secret`` chose ``owner``.
+
+    A :class:`RoutingInterceptor` with a balancer and the same secret serves such a call itself;
+    :class:`~balancer_grpc.balanced.BalancedChannel` sends it with ``secret=`` (``hops`` 1).
+    """
+    timestamp = str(int(time.time() * 1000))
+    return [
+        (HOPS_METADATA, str(hops)),
+        (FORWARDED_METADATA, f"{timestamp}:{_proof(secret, hops, method, owner, timestamp)}"),
+    ]
 
 
 class _Refusal(Exception):
@@ -287,12 +302,10 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
                 f"call forwarded {hops} times already; not passing it on",
             )
         metadata = _passed(context.invocation_metadata() or ())
-        metadata.append((HOPS_METADATA, str(hops + 1)))
         if self.secret is not None:
-            timestamp = str(int(time.time() * 1000))
-            metadata.append(
-                (FORWARDED_METADATA, f"{timestamp}:{_proof(self.secret, hops + 1, method, owner, timestamp)}")
-            )
+            metadata += forwarded(self.secret, hops + 1, method, owner)
+        else:
+            metadata.append((HOPS_METADATA, str(hops + 1)))
         return metadata
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:

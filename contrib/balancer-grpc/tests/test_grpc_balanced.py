@@ -185,3 +185,30 @@ def test_options_are_checked() -> None:
         BalancedChannel()
     with pytest.raises(ConfigError, match="retries"):
         BalancedChannel(["a:1"], retries=-1)
+
+
+async def test_with_the_servers_secret_the_chosen_backend_serves_the_call(apps: list[App]) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    names = [dead, apps[0].address]
+    reference = BoundedLoadBalancer(names, load_factor=math.inf)
+    key = next(k for k in KEYS if reference.peek(k) == dead)
+    # a server whose own balancer still names the dead one as the key's owner
+    router = RoutingInterceptor(
+        balancer=BoundedLoadBalancer(names, load_factor=math.inf), local="front", secret="shared"
+    )
+    front = await start_app([router])
+    try:
+        target = {dead: dead, "front": front.address}
+        async with BalancedChannel([dead, "front"], target=target.__getitem__, retries=1) as strangers:
+            with pytest.raises(grpc.aio.AioRpcError) as routed_again:  # no proof: front routes it to dead
+                await strangers.unary_unary(f"/{SERVICE}/Who", dumps, loads)({}, key=key, timeout=10)
+            assert routed_again.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with BalancedChannel(
+            [dead, "front"], target=target.__getitem__, retries=1, secret="shared"
+        ) as trusted:
+            answer = await trusted.unary_unary(f"/{SERVICE}/Who", dumps, loads)({}, key=key, timeout=10)
+            assert answer["served_by"] == front.address
+            assert answer["hops"] == "1"
+    finally:
+        await front.server.stop(None)
+        await router.aclose()
