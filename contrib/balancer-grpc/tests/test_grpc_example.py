@@ -1,0 +1,22 @@
+"""The example that uses this package (examples/grpc_routed_service.py) runs as its own process and
+prints what it promises, as the core's tests/test_examples.py runs the other examples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "grpc_routed_service.py"
+
+
+def test_the_routed_service_example() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "same owners through another server: True" in out
+    assert "90 concurrent calls for one hot user were served by 3 servers" in out
+    assert "balanced client, same owners: True" in out
+    assert "ada's server went down; ada served by another: True" in out
