@@ -321,7 +321,7 @@ class GrpcTransport(Transport):
         if wanted == 0:
             log.warning(
                 "the HTTP API (/kv, /status, /ring, /ui) is at %s: port %d serves gRPC "
-                "(set --set grpc.http_port=N to choose the HTTP port)",
+                "(set grpc.http_port to choose the HTTP port: --set grpc.http_port=N)",
                 where,
                 self.port,
             )
