@@ -213,6 +213,7 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         self.credentials = credentials
         self.skip = tuple(skip)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._wrapped: dict[str, tuple[tuple[Any, ...], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     # -- ownership --------------------------------------------------------------------------------
 
@@ -337,7 +338,15 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
             method == s or (s.endswith((".", "/")) and method.startswith(s)) for s in self.skip
         ):
             return handler
-        return _Routed(self, method, handler).handler()
+        # wrapped once per method: a service's generic handler usually makes an equal handler per call
+        parts = _parts(handler)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] == parts:
+            return cached[1]
+        wrapped = _Routed(self, method, handler).handler()
+        if len(self._wrapped) < _MAX_WRAPPED:
+            self._wrapped[method] = (parts, wrapped)
+        return wrapped
 
     async def aclose(self) -> None:
         """Close the channels to the owners and stop following the ring's members."""
@@ -346,6 +355,23 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+_MAX_WRAPPED = 1024
+"""Most methods whose wrapped handlers the interceptor keeps (a service has a fixed set of methods)."""
+
+
+def _parts(handler: grpc.RpcMethodHandler[Any, Any]) -> tuple[Any, ...]:
+    """What makes a handler: two handlers with equal parts (bound methods of one object compare equal)
+    are served by the same wrapper."""
+    return (
+        handler.request_deserializer,
+        handler.response_serializer,
+        handler.unary_unary,
+        handler.unary_stream,
+        handler.stream_unary,
+        handler.stream_stream,
+    )
 
 
 def _text(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:

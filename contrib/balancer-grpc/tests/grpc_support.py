@@ -24,6 +24,9 @@ from processes import free_port
 
 FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--anti-entropy-interval", "0.5"]
 """As the core's process tests: quick maintenance, so rings settle within seconds."""
+PLUGINS = ["--no-plugins", "--plugin", "balancer_grpc"]
+"""As the core's process tests load only the plugins they bring: this package's, by module name (an
+installed plugin that is broken or slow cannot fail these tests)."""
 
 
 @dataclass
@@ -59,12 +62,12 @@ class GrpcCluster:
 
     def start(self, *, join: str | None = None, extra: tuple[str, ...] = ()) -> GrpcProc:
         """Start a node creating a ring (``join=None``) or joining ``join`` (a ring, that is gRPC,
-        address). Entry-point plugins load as for any user: that is how the node finds ``grpc``."""
+        address), with this package's plugin alone."""
         port, http_port = free_port(), free_port()
         where = ["--join", join] if join else ["--ring"]
         log = self.tmp / f"node-{port}.log"
         command = [
-            *(sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST),
+            *(sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *PLUGINS),
             *("--transport", "grpc", "--set", f"grpc.http_port={http_port}", *extra),
         ]
         with log.open("wb") as out:
