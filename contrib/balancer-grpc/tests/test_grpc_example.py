@@ -20,3 +20,27 @@ def test_the_routed_service_example() -> None:
     assert "90 concurrent calls for one hot user were served by 3 servers" in out
     assert "balanced client, same owners: True" in out
     assert "ada's server went down; ada served by another: True" in out
+
+
+def test_the_benchmark_runs_small() -> None:
+    script = EXAMPLE.parents[1] / "benchmarks" / "grpc_transport.py"
+    command = [
+        sys.executable,
+        str(script),
+        "--only",
+        "rpc,interceptor",
+        "--seconds",
+        "0.3",
+        "--warmup",
+        "0.1",
+    ]
+    done = subprocess.run(
+        [*command, "--concurrency", "4", "--keys", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| grpc | 4 |" in done.stdout
+    assert "| forwarded (1 hop) |" in done.stdout
