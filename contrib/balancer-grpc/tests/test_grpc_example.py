@@ -17,7 +17,9 @@ def test_the_routed_service_example() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "same owners through another server: True" in out
-    assert "90 concurrent calls for one hot user were served by 3 servers" in out
+    # overflow spreads (3 servers on a quiet machine; a starved one may overlap fewer calls)
+    spread = out.split("90 concurrent calls for one hot user were served by ")[1].split()[0]
+    assert int(spread) >= 2, out
     assert "balanced client, same owners: True" in out
     assert "ada's server went down; ada served by another: True" in out
 

@@ -151,13 +151,12 @@ async def test_a_dead_peer_is_refused_and_a_new_one_on_its_port_is_reached_at_on
                 await client.call(address, "echo", {}, 2)
             assert dead.value.refused
             assert dead.value.address == address
+        # the failed channel was dropped: the next call dials afresh, with no reconnection backoff to wait out
+        assert address not in client._peers
         server = GrpcTransport(config)
         await server.serve("127.0.0.1", port, Served().handlers)
         try:
-            # the failed channel was dropped: no reconnection backoff stands between the call and the peer
-            started = asyncio.get_running_loop().time()
-            assert await client.call(address, "echo", {"n": 1}, 2) == {"echo": {"n": 1}}
-            assert asyncio.get_running_loop().time() - started < 1.5
+            assert await client.call(address, "echo", {"n": 1}, 5) == {"echo": {"n": 1}}
         finally:
             await server.aclose()
         # a peer that goes away: calls fail as unreachable, never hang
