@@ -47,7 +47,8 @@ class PeerWarnings:
 
     def answered(self, kind: str, peer: str) -> None:
         """``peer`` answered at ``kind``: its next failure is worth a warning again."""
-        self._warned.discard((kind, peer))
+        if self._warned:  # called for every replica that stores a write: nearly always a no-op
+            self._warned.discard((kind, peer))
 
 
 SLICE_SECONDS = 0.005

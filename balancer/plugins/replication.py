@@ -49,6 +49,7 @@ class Groups(ReplicationStrategy):
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self._members: tuple[Member, ...] | None = None  # the members view the groups were made from
         self._view: tuple[tuple[int, str], ...] = ()
         self._groups: list[list[str]] = []
         self._group_of: dict[str, int] = {}
@@ -63,6 +64,9 @@ class Groups(ReplicationStrategy):
 
     def groups(self, members: tuple[Member, ...]) -> list[list[str]]:
         """The live members' groups (addresses in ring order), computed once per view."""
+        if members is self._members:  # a node keeps one tuple until its view changes: every placement
+            return self._groups  # of a maintenance pass costs one comparison, not a sort
+        self._members = members
         view = tuple(
             sorted((min(m.ids), m.address) for m in members if m.ids and m.state in ("up", "suspect"))
         )
