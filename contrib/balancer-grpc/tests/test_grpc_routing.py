@@ -256,6 +256,15 @@ async def test_calls_are_routed_by_a_ring_of_nodes_on_the_grpc_transport(fleet: 
             return RoutingInterceptor(node=node, target=lambda ring: service[ring])
 
         apps = await fleet.start(make, 3)
+
+        async def agreed() -> bool:  # every node names the same owner for every key: the ring formed
+            owners = [[(await n.lookup(key)).owner for n in nodes] for key in KEYS[:12]]
+            return all(len(set(found)) == 1 for found in owners)
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await agreed():  # on a busy machine stabilization takes a while
+            assert asyncio.get_running_loop().time() < deadline, "the three nodes never agreed on owners"
+            await asyncio.sleep(0.1)
         for app in apps:
             for key in KEYS[:12]:
                 owner = service[(await nodes[0].lookup(key)).owner.address]
