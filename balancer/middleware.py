@@ -76,8 +76,10 @@ __all__ = [
     "BalancedSession",
     "MemberBalancer",
     "RingRouter",
+    "check_router",
     "default_key",
     "forward_is_proven",
+    "forward_secret",
     "parse_hops",
     "proof_path",
     "prove_forward",
@@ -185,6 +187,36 @@ def proof_path(target: str) -> str:
     the decoded path and query, as aiohttp's ``request.rel_url.path_qs`` gives them."""
     path, _, query = target.partition("#")[0].partition("?")
     return URL.build(path=path, query_string=query, encoded=True).path_qs
+
+
+def check_router(
+    node: object | None,
+    balancer: object | None,
+    *,
+    max_hops: int,
+    timeout: float,
+    load_factor: object | None = None,
+    mode: str | None = None,
+) -> None:
+    """Refuse router settings that cannot work, with the same rules and messages for every router (this
+    aiohttp one, and the ASGI and gRPC ones of the contrib packages): raises :class:`ConfigError`."""
+    if (node is None) == (balancer is None):
+        raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
+    if load_factor is not None and node is None:
+        raise ConfigError("load_factor= balances over a ring node's members: give it with node=")
+    if mode is not None and mode not in ("proxy", "redirect"):
+        raise ConfigError(f"mode must be 'proxy' or 'redirect', got {mode!r}")
+    if max_hops < 1:
+        raise ConfigError("max_hops must be at least 1")
+    if not timeout > 0:
+        raise ConfigError(f"timeout must be positive, got {timeout}")
+
+
+def forward_secret(node: Node | None, secret: str | None) -> str | None:
+    """The secret a router proves its forwards with: ``secret``, else its ring node's own RPC key."""
+    if secret is None and node is not None:
+        return rpc_secret(node.config.cluster_secret, node.config.api_token)
+    return secret
 
 
 def parse_hops(given: str | None) -> int:
@@ -862,14 +894,7 @@ class RingRouter:
         secret: str | None = None,
         max_skew: float = 60.0,
     ) -> None:
-        if (node is None) == (balancer is None):
-            raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
-        if load_factor is not None and node is None:
-            raise ConfigError("load_factor= balances over a ring node's members: give it with node=")
-        if mode not in ("proxy", "redirect"):
-            raise ConfigError(f"mode must be 'proxy' or 'redirect', got {mode!r}")
-        if max_hops < 1:
-            raise ConfigError("max_hops must be at least 1")
+        check_router(node, balancer, max_hops=max_hops, timeout=timeout, load_factor=load_factor, mode=mode)
         self.node = node
         self.balancer = balancer
         self.members = (
@@ -886,9 +911,7 @@ class RingRouter:
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_hops = max_hops
         self.connections = connections
-        if secret is None and node is not None:
-            secret = rpc_secret(node.config.cluster_secret, node.config.api_token)
-        self.secret = secret
+        self.secret = forward_secret(node, secret)
         self.max_skew = max_skew
         self._session: aiohttp.ClientSession | None = None
         self._pool: _Pool | None = None

@@ -274,6 +274,8 @@ def test_router_arguments_are_checked() -> None:
         RingRouter(balancer=BoundedLoadBalancer(["a"]), mode="teleport")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_hops"):
         RingRouter(balancer=BoundedLoadBalancer(["a"]), max_hops=0)
+    with pytest.raises(ConfigError, match="timeout must be positive"):  # as every router (check_router)
+        RingRouter(balancer=BoundedLoadBalancer(["a"]), timeout=0)
 
 
 async def test_a_cookie_an_owner_sets_never_reaches_another_clients_request() -> None:

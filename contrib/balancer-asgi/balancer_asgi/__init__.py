@@ -56,7 +56,6 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from balancer.auth import rpc_secret
 from balancer.bounded import BoundedLoadBalancer, Lease
 from balancer.errors import BadRequestError, BalancerError, CapacityError, ConfigError
 from balancer.middleware import (
@@ -64,7 +63,9 @@ from balancer.middleware import (
     HOP_BY_HOP,
     HOPS_HEADER,
     KEY_HEADER,
+    check_router,
     forward_is_proven,
+    forward_secret,
     parse_hops,
     proof_path,
     prove_forward,
@@ -327,14 +328,7 @@ class RoutingMiddleware:
         secret: str | None = None,
         max_skew: float = 60.0,
     ) -> None:
-        if (node is None) == (balancer is None):
-            raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
-        if mode not in ("proxy", "redirect"):
-            raise ConfigError(f"mode must be 'proxy' or 'redirect', got {mode!r}")
-        if max_hops < 1:
-            raise ConfigError("max_hops must be at least 1")
-        if timeout <= 0:
-            raise ConfigError("timeout must be positive")
+        check_router(node, balancer, max_hops=max_hops, timeout=timeout, mode=mode)
         paths = list(paths)
         if key is not None and paths:
             raise ConfigError("give key= or paths=, not both: key= decides alone")
@@ -349,9 +343,7 @@ class RoutingMiddleware:
         self.timeout = timeout
         self.max_hops = max_hops
         self.connections = connections
-        if secret is None and node is not None:
-            secret = rpc_secret(node.config.cluster_secret, node.config.api_token)
-        self.secret = secret
+        self.secret = forward_secret(node, secret)
         self.max_skew = max_skew
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None

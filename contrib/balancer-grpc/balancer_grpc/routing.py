@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from balancer.auth import rpc_secret, sign
+from balancer.auth import sign
 from balancer.bounded import BoundedLoadBalancer, Lease
-from balancer.errors import BalancerError, ConfigError
-from balancer.middleware import MemberBalancer
+from balancer.errors import BalancerError
+from balancer.middleware import MemberBalancer, check_router, forward_secret
 from balancer_grpc.codec import ERROR_TYPE
 
 if TYPE_CHECKING:
@@ -185,14 +185,7 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         credentials: grpc.ChannelCredentials | None = None,
         skip: Collection[str] = ("/grpc.health.v1.Health/", "/grpc.reflection."),
     ) -> None:
-        if (node is None) == (balancer is None):
-            raise ConfigError("give exactly one of node= (ring ownership) and balancer= (static backends)")
-        if load_factor is not None and node is None:
-            raise ConfigError("load_factor= balances over a ring node's members: give it with node=")
-        if max_hops < 1:
-            raise ConfigError("max_hops must be at least 1")
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
+        check_router(node, balancer, max_hops=max_hops, timeout=timeout, load_factor=load_factor)
         self.node = node
         self.balancer = balancer
         self.members = (
@@ -206,9 +199,7 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
         self.request_key = request_key
         self.timeout = timeout
         self.max_hops = max_hops
-        if secret is None and node is not None:
-            secret = rpc_secret(node.config.cluster_secret, node.config.api_token)
-        self.secret = secret
+        self.secret = forward_secret(node, secret)
         self.max_skew = max_skew
         self.credentials = credentials
         self.skip = tuple(skip)
