@@ -232,6 +232,13 @@ def _node_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="For fault tests only: seconds added to this node's wall clock.",
         ),
         click.option(
+            "--clock-drift",
+            type=float,
+            default=0.0,
+            hidden=True,
+            help="For fault tests only: seconds per second this node's wall clock gains from its start.",
+        ),
+        click.option(
             "--max-connections",
             type=click.IntRange(16, 1 << 20),
             default=1024,
@@ -329,6 +336,7 @@ def _config(**opts: Any) -> Config:
             max_value_bytes=opts["max_value_bytes"],
             max_clock_skew=opts["max_clock_skew"],
             clock_offset=opts["clock_offset"],
+            clock_drift=opts["clock_drift"],
             partition_memory=opts["partition_memory"],
             max_connections=opts["max_connections"],
             idle_timeout=opts["idle_timeout"],

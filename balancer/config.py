@@ -80,6 +80,9 @@ class Config:
     clock_offset: float = 0.0
     """For fault tests only: seconds added to this node's wall clock (versions, tombstone ages), to run a
     node with a skewed clock on a machine whose clocks agree."""
+    clock_drift: float = 0.0
+    """For fault tests only: seconds per second this node's wall clock gains from its start (negative:
+    loses), to run a node whose clock drifts away from the ring's while it is a member."""
     tls_cert: str | None = None
     """Certificate file (PEM) to serve TLS with; needs ``tls_key``."""
     tls_key: str | None = None
@@ -164,6 +167,10 @@ class Config:
         require(
             math.isfinite(self.clock_offset) and abs(self.clock_offset) < 1e6,
             f"clock_offset must be a number of seconds under 10^6, got {self.clock_offset}",
+        )
+        require(
+            math.isfinite(self.clock_drift) and abs(self.clock_drift) <= 100,
+            f"clock_drift must be a number of seconds per second within 100, got {self.clock_drift}",
         )
         require((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         require(

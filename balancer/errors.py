@@ -26,7 +26,8 @@ would reach for first, so ``except ValueError`` keeps working::
           ├── IncompatibleConfigError        a joiner's settings differ from the ring's -> 409
           ├── GoneError                      that virtual node is not (or no longer) there -> 410
           └── QuorumError                    fewer replicas answered than the quorum    -> 503
-               └── CutOffError                this node sees only a minority of the ring -> 503
+               ├── CutOffError                this node sees only a minority of the ring -> 503
+               └── ClockFencedError           this node's clock is too far from the ring's -> 503
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "BadRequestError",
     "BalancerError",
     "CapacityError",
+    "ClockFencedError",
     "ClockSkewError",
     "ConfigError",
     "CutOffError",
@@ -221,6 +223,26 @@ class CutOffError(QuorumError):
         self.needed = members // 2 + 1
 
 
+class ClockFencedError(QuorumError):
+    """This node's clock is further from the ring's than the fence's bound (``FENCE_FRACTION`` of
+    ``max_clock_skew``), measured against a majority of the processes it reaches: it stamps no versions
+    and serves no reads or writes until its clock is back within the bound (HTTP 503). At join, the
+    joiner's clock measured against the ring's through its seed; the join is refused.
+
+    ``ahead`` is how many seconds its clock is ahead of the ring's (negative: behind), ``error`` the
+    measurement's error bound and ``bound`` the fence's bound, all in seconds.
+    """
+
+    def __init__(self, message: str, *, ahead: float = 0.0, error: float = 0.0, bound: float = 0.0) -> None:
+        RingError.__init__(self, message)
+        self.operation = "any"
+        self.answered = 0
+        self.needed = 0
+        self.ahead = ahead
+        self.error = error
+        self.bound = bound
+
+
 class UnauthorizedError(BalancerError, PermissionError):
     """A request lacks a valid signature, token or timestamp (HTTP 401); nothing was changed."""
 
@@ -233,6 +255,7 @@ class StaleRequestError(UnauthorizedError):
 
 _REBUILT: tuple[type[BalancerError], ...] = (
     BadRequestError,
+    ClockSkewError,
     ConfigError,
     IncompatibleConfigError,
     GoneError,

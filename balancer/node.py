@@ -33,6 +33,7 @@ from balancer.errors import (
     BadAnswerError,
     BadRequestError,
     BalancerError,
+    ClockFencedError,
     ConfigError,
     CutOffError,
     GoneError,
@@ -53,6 +54,7 @@ from balancer.keyspace import KeySpace
 from balancer.kv import KVService
 from balancer.plugin import Registry, plugin_manager
 from balancer.ring import Ring
+from balancer.skew import CLOCKED, FENCE_FRACTION, Fence, PeerClocks, Skew, fenced_error, wall_clock
 from balancer.survey import RingStatus, status_of, survey
 from balancer.types import Lookup, Member, NodeInfo, Record, RingView, format_id
 from balancer.vnodes import allocate_ids, derived_ids, vnode_count
@@ -122,6 +124,12 @@ class Node(PublicApi):
         self._pending: dict[str, tuple[list[int], float, float]] = {}  # placed lately: ids, weight, until
         self.detector = FailureDetector(self.config.rpc_timeout, self.config.phi_threshold)
         """Round-trip times and suspicion of every peer this node calls (see :mod:`balancer.failure`)."""
+        self.wall = wall_clock(self.config.clock_offset, self.config.clock_drift)
+        """This node's wall clock (seconds since the epoch): what it stamps versions and answers with."""
+        self.clocks = PeerClocks(FENCE_FRACTION * self.config.max_clock_skew, wall=self.wall)
+        """Clock offsets of the peers, measured from the ring's round trips (see :mod:`balancer.skew`)."""
+        self.fence = Fence(self.clocks, on_lifted=self._fence_lifted)
+        """Whether this node is fenced for its clock (see :mod:`balancer.skew`)."""
         self._kv: KVService | None = None
         self._members: tuple[Member, ...] = ()
         # processes this node declared failed (by silence or refusal) and has not found in its ring since,
@@ -153,9 +161,10 @@ class Node(PublicApi):
         self.pm.hook.balancer_http_routes(node=self, register=self._routes.append)
         port = await self.transport.serve(self.config.host, self.config.port, self._handlers, api=self)
         address = f"{self.config.advertised}:{port}"
-        self._call = self.detector.monitor(self.transport.call)
+        self._call = self.clocks.monitor(self.detector.monitor(self.transport.call))
+        self.fence.name = address
         self._handlers["node.status"] = self._rpc_status
-        self._handlers["ring.describe"] = self._rpc_describe
+        self._handlers["ring.describe"] = self._clocked(self._rpc_describe)
         self._handlers["ring.place"] = self._rpc_place
         # Until this node is a ring member, a joiner asking it must wait, not take it for a ring of one.
         self._handlers["chord.join"] = self._refuse_join
@@ -181,6 +190,7 @@ class Node(PublicApi):
             asyncio.create_task(self._surveyor()),
             asyncio.create_task(self._reuniter()),
             asyncio.create_task(self._stall_watch()),
+            asyncio.create_task(self._clock_watch()),
         ]
         log.info(
             "%s: %s with %d virtual nodes",
@@ -217,9 +227,13 @@ class Node(PublicApi):
             self._emit,
             members=lambda: self._members,
             trusted=self._trusted,
+            wall=self.wall,
         )
+        self.fence.name = ring.info
         self._handlers.update(ring.handlers())
         self._handlers.update(self._kv.handlers())
+        for method in CLOCKED & set(ring.handlers()):  # their answers tell the caller this node's time
+            self._handlers[method] = self._clocked(self._handlers[method])
         self._handlers["chord.join"] = self._refuse_join
         return ring
 
@@ -297,12 +311,13 @@ class Node(PublicApi):
             attempt += 1
             for seed in list(waiting):
                 try:
+                    await self._check_clock(seed)
                     await self._install(own, await self._placed_ids(seed, own)).join(seed)
                 except StaleRequestError as exc:  # our clock is behind a seed that just started: ask again
                     problems[seed] = exc
                     continue
-                except (IncompatibleConfigError, UnauthorizedError):  # a refusal: asking again will not help
-                    raise
+                except (IncompatibleConfigError, UnauthorizedError, ClockFencedError):
+                    raise  # a refusal: asking again will not help
                 except BadAnswerError as exc:  # up, and not a balancer node
                     if len(self.seeds) > 1 or self.create_if_alone:  # else the final error says it
                         log.warning("%s: seed %s is not a balancer node: %s", own, seed, exc)
@@ -326,6 +341,20 @@ class Node(PublicApi):
             raise self._join_failure(problems, attempt, loop.time() - started)
         self._install(own, self._derived_ids(own)).create()
         self.kv.mark_settled()  # a new ring: no other node can hold writes this one lacks
+
+    async def _check_clock(self, seed: str) -> None:
+        """Raise :class:`ClockFencedError` if this node's clock is beyond the fence's bound from the
+        ring's: its offset to ``seed`` (from the round trip of a ``ring.describe``) plus the seed's own
+        offset to its ring. A seed that is not a ring member yet raises :class:`RingError` (ask again)."""
+        seed_view = await self._describe(seed)
+        measured = self.clocks.offset(seed)
+        if measured is None:  # a seed that does not tell its time: an older version, refused later
+            return
+        ahead = seed_view.ahead - measured.seconds
+        error = seed_view.ahead_error + measured.error
+        skew = Skew(ahead, error, 1, int(abs(ahead) - error > self.clocks.bound), self.clocks.bound)
+        if skew.fenced:
+            raise fenced_error(skew, joining=seed)
 
     @staticmethod
     def _join_schedule(timeout: float) -> list[float]:
@@ -471,9 +500,12 @@ class Node(PublicApi):
         """Raise :class:`CutOffError` if this node sees no majority of the ring (:meth:`_minority`), or
         if it merged two rings (or came back from a minority) and has not synced since: until its
         maintenance pass has synced it with the whole merged ring, its view may be half of each side's.
-        Costs three truth tests when nothing is lost, silent or merging (every client operation)."""
-        if not (self._lost or self._rejoining or self.detector.silent):
+        Raise :class:`ClockFencedError` if its clock is fenced (:attr:`fence`). Costs four truth tests
+        when nothing is lost, silent, merging or fenced (every client operation)."""
+        if not (self._lost or self._rejoining or self.detector.silent or self.fence.fenced):
             return
+        if self.fence.fenced is not None:
+            raise self.fence.fenced
         cut = self._minority()
         if cut is not None:
             raise CutOffError(*cut)
@@ -592,6 +624,9 @@ class Node(PublicApi):
             "weight": self.config.weight,
             "leaving": self._kv.leaving or ring.left,
             "records": await self.storage.count(),
+            "ahead": self.fence.skew.ahead,
+            "ahead_error": self.fence.skew.error,
+            "fenced": self.fence.fenced is not None,
         }
 
     def routes(self) -> list[Route]:
@@ -660,6 +695,7 @@ class Node(PublicApi):
             "weight": self.config.weight,
             "settings": self.ring_settings(),
             "settled": self.kv.settled,
+            "clock": self.fence.skew.to_json(),
         }
 
     # -- internals --------------------------------------------------------------------------------
@@ -705,7 +741,7 @@ class Node(PublicApi):
         self._survey_due.set()
         address = peer.address
         if event != "joined" and self._kv is not None:
-            self._kv.forget_peer(address)
+            self._kv.forget_peer(address, left=event == "left")
         if not self.member:
             return
         last = self._heard.get(address)
@@ -716,6 +752,7 @@ class Node(PublicApi):
                 return
         elif event == "left":
             self._lost.pop(address, None)
+            self.clocks.forget(address)
             self._departed.add(address)
             self._mark(address, None)
             if last == "left":
@@ -821,6 +858,28 @@ class Node(PublicApi):
                     late,
                     "; it serves again once it has synced with the ring" if rejoin else "",
                 )
+
+    def _clocked(self, handler: Handler) -> Handler:
+        """``handler`` whose answers carry this node's wall clock (``clock``: see :mod:`balancer.skew`)."""
+        wall = self.wall
+
+        async def clocked(payload: Payload) -> Payload:
+            return {**await handler(payload), "clock": wall()}
+
+        clocked.__name__ = getattr(handler, "__name__", "handler")
+        return clocked
+
+    async def _clock_watch(self) -> None:
+        """Measure this node's clock against its live peers' every stabilization round, and fence it
+        while it disagrees with a majority of them (see :mod:`balancer.skew`)."""
+        jitter = self.config.jitter
+        while True:
+            await asyncio.sleep(self.config.stabilize_interval * self._random.uniform(1 - jitter, 1 + jitter))
+            self.fence.update(m.address for m in self._members if m.live and m.address != self.address)
+
+    def _fence_lifted(self) -> None:
+        if self._kv is not None:
+            self._kv.clock.rewind()
 
     async def _reuniter(self) -> None:
         """Every few stabilization rounds, try one process this node declared failed (round robin).

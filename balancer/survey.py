@@ -57,6 +57,7 @@ class RingStatus:
                     "weight": m.weight,
                     "records": m.records,
                     "share": m.share,
+                    "fenced": m.fenced,
                     "ids": [format_id(i, bits) for i in m.ids],
                 }
                 for m in self.members
@@ -159,6 +160,7 @@ def status_of(
             state,
             described.records,
             shares.get(address, 0) / space.size,
+            described.fenced,
         )
     earlier = {m.address: m for m in remembered}
     still = set(pointed)

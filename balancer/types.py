@@ -136,7 +136,9 @@ class Member:
     ``state`` is ``"up"`` (answers), ``"suspect"`` (missed calls but is not declared failed),
     ``"down"`` (declared failed; listed until it answers again) or ``"leaving"`` (handing its keys off).
     ``share`` is the fraction of the key space its virtual nodes own (0 to 1) and ``records`` the records
-    it stores; either is ``None`` when this view does not know it.
+    it stores; either is ``None`` when this view does not know it. ``fenced`` is whether it said it is
+    fenced for its clock (too far from the ring's: it serves no reads or writes; see
+    :mod:`balancer.skew`).
     """
 
     address: str
@@ -145,6 +147,7 @@ class Member:
     state: str = "up"
     records: int | None = None
     share: float | None = None
+    fenced: bool = False
 
     @property
     def live(self) -> bool:

@@ -251,6 +251,12 @@ class Described(Message, frozen=True):
     weight: Annotated[float, Meta(gt=0, le=64)] = 1.0
     leaving: bool = False
     records: Annotated[int, Meta(ge=0)] = 0
+    ahead: Annotated[float, Meta(ge=-1e7, le=1e7)] = 0.0
+    """Seconds its clock is ahead of its ring's as it measured them (negative: behind)."""
+    ahead_error: Annotated[float, Meta(ge=0, le=1e7)] = 0.0
+    """The error bound of ``ahead``, in seconds."""
+    fenced: bool = False
+    """Whether it is fenced for its clock (see :mod:`balancer.skew`)."""
 
     def bare(self) -> tuple[str, Iterable[int], Iterable[bytes]]:
         """The ids of the vnodes and of their successors."""

@@ -40,6 +40,9 @@ def test_snippet_runs(snippet: str, tmp_path: Path) -> None:
         [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
     )
     assert done.returncode == 0, f"{snippet}\n---\n{done.stdout}\n{done.stderr}"
+    # a routine run (a ring formed, used and left gracefully) logs no warning: with logging not set
+    # up, Python would print one as a bare line on stderr
+    assert not done.stderr, f"{snippet}\n---\n{done.stderr}"
 
 
 @pytest.mark.parametrize(

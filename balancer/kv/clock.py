@@ -38,6 +38,13 @@ class HybridClock:
         """Account for a timestamp seen on a record from elsewhere (at most up to :meth:`limit`)."""
         self._last = max(self._last, min(timestamp, self.limit()))
 
+    def rewind(self) -> None:
+        """Forget every timestamp issued or observed ahead of the wall clock: for a node whose clock
+        was fenced for being far ahead and is now back. Nothing it stamped beyond its replicas' bound
+        was kept (see :meth:`~balancer.kv.coordinator.Coordinator.write`), and a write of a key whose
+        replicas hold a greater version is stamped past it, so no key's writes fall out of order."""
+        self._last = min(self._last, int(self._wall() * 1000) << _COUNTER_BITS)
+
     def limit(self) -> int:
         """The greatest timestamp accepted now: ``max_skew`` seconds ahead of the wall clock."""
         return int((self._wall() + self.max_skew) * 1000) << _COUNTER_BITS

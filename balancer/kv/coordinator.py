@@ -18,7 +18,7 @@ import asyncio
 import functools
 from typing import Any
 
-from balancer.errors import PeerUnreachableError, QuorumError, RingError
+from balancer.errors import BalancerError, ClockSkewError, PeerUnreachableError, QuorumError, RingError
 from balancer.kv.placement import ReplicaSets
 from balancer.kv.shared import Shared, log
 from balancer.kv.transfer import Transfer
@@ -115,19 +115,21 @@ class Coordinator:
                 n for n, r in answers.items() if n in replicas and (r is None or r.version < best.version)
             ]
             for node in stale:
-                self._in_background(self.transfer.write_at(node, [best]))
+                self._in_background(self.transfer.write_at(node, [best]), repairing=node.address)
         return best
 
     async def write(self, key: bytes, value: bytes | None) -> Version:
         """Write ``value`` (``None`` for a tombstone) under a fresh version to the key's replicas.
 
         Returns once W replicas stored it; raises :class:`QuorumError` with how many did otherwise.
+        This node keeps its own copy only once a peer accepted the version (see :meth:`replicate`), so
+        a write stamped by a clock its replicas refuse is kept nowhere, and can never win later.
         """
         replicas, fallbacks = await self.replica_sets.replica_set(key)
         need = self.shared.config.write_quorum
         for _ in range(3):
             record = Record(key, value, Version(self.shared.clock.now(), self.shared.ring.info.id))
-            acked, newer = await self.replicate([record], replicas, fallbacks, need)
+            acked, newer = await self.replicate([record], replicas, fallbacks, need, vouched=True)
             if newer is None:
                 break
             # A replica holds a greater version: a write another coordinator stamped in the same instant,
@@ -139,10 +141,22 @@ class Coordinator:
         return record.version
 
     async def replicate(
-        self, records: list[Record], targets: list[NodeInfo], spare: list[NodeInfo], need: int
+        self,
+        records: list[Record],
+        targets: list[NodeInfo],
+        spare: list[NodeInfo],
+        need: int,
+        *,
+        vouched: bool = False,
     ) -> tuple[int, Version | None]:
         """Send ``records`` to ``targets``, and to the next ``spare`` for each that fails; returns as
         soon as ``need`` targets acknowledged (the rest finish in the background) or every attempt is over.
+
+        With ``vouched`` (records this node has just stamped), this node, if it is a target, stores its
+        own copy only once a peer has stored them, or once every peer's attempt ended without one
+        refusing them for being stamped beyond its clock skew (:class:`ClockSkewError`): records that
+        peers refuse as coming from a clock too far ahead are kept nowhere, so neither anti-entropy nor
+        repair can spread them once their time comes, and they can never beat a later write.
 
         Returns how many targets acknowledged, and the greatest version a replica refused a record for.
         A spare keeps a copy (handed to the replica by maintenance later) but never counts towards
@@ -155,12 +169,26 @@ class Coordinator:
         newest_version: Version | None = None
         retried: set[NodeInfo] = set()
         quorum: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        me = self.shared.ring.address
+        # this node's own copy, held back until a peer vouched for the records' stamps (see above)
+        held = next((n for n in targets if n.address == me), None) if vouched else None
+        refused = False  # a peer refused the records as stamped too far ahead of its clock
+
+        def vouch(ok: bool) -> None:
+            """A peer stored the records (``ok``), or the last peer attempt ended: release this node's
+            own copy, unless a peer refused the stamps and none stored them."""
+            nonlocal held
+            if held is not None and (ok or (pending == 0 and not refused)):
+                node, held = held, None
+                start(node)
 
         def ended(node: NodeInfo, future: asyncio.Future[Any]) -> None:
-            nonlocal acked, newest_version, pending
+            nonlocal acked, newest_version, pending, refused
             pending -= 1
             exc = asyncio.CancelledError() if future.cancelled() else future.exception()
             if exc is None:
+                if node.address != me:
+                    vouch(True)
                 # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
                 _, newer = future.result()
                 self.shared.warnings.answered("a replica write", node.address)
@@ -176,6 +204,7 @@ class Coordinator:
                         if newer is not None and (newest_version is None or newer > newest_version):
                             newest_version = newer
             else:  # accounted even after the quorum: a peer found down is forgotten at once
+                refused = refused or isinstance(exc, ClockSkewError)
                 if not isinstance(exc, asyncio.CancelledError):  # cancelled is not failed
                     self.shared.warnings.failed("a replica write", node.address, exc, self.shared.ring.info)
                 slow = self._failed(node, exc)
@@ -185,6 +214,7 @@ class Coordinator:
                     start(node)
                 if spare:  # even after the quorum: N copies, the spare's handed back by maintenance
                     start(spare.pop(0))
+                vouch(False)
             if not quorum.done() and (acked >= need or pending == 0):
                 quorum.set_result(None)
 
@@ -197,12 +227,15 @@ class Coordinator:
             future = self.transfer.start_write(node, records)
             future.add_done_callback(functools.partial(ended, node))
             if returned:  # a spare for a failure after the caller gave up: kept and waited for by drain
-                self._in_background(future)
+                self._in_background(future, accounted=True)
             else:
                 started.append(future)
 
         for node in targets:
-            start(node)
+            if node is not held:
+                start(node)
+        if held is not None and pending == 0:  # no peer to vouch: a ring of one
+            vouch(False)
         try:
             if pending:
                 await asyncio.shield(quorum)
@@ -210,17 +243,25 @@ class Coordinator:
             returned = True
             for future in started:
                 if not future.done():
-                    self._in_background(future)
+                    self._in_background(future, accounted=True)
         return acked, newest_version
 
-    def _in_background(self, work: Any) -> None:
+    def _in_background(self, work: Any, *, accounted: bool = False, repairing: str | None = None) -> None:
+        """Run ``work`` in the background until it ends (or :meth:`drain`); its failure is logged,
+        unless ``accounted`` (a replica write, whose end :meth:`replicate` accounts for), as a failed
+        repair of peer ``repairing`` if given."""
         future = asyncio.ensure_future(work)
         self._background.add(future)
 
         def finished(done: asyncio.Future[Any]) -> None:
             self._background.discard(done)
-            if not done.cancelled() and done.exception() is not None:
-                log.warning("%s: background replication failed: %s", self.shared.ring.info, done.exception())
+            if accounted or done.cancelled() or done.exception() is None:
+                return
+            exc, me = done.exception(), self.shared.ring.info
+            if repairing is not None and isinstance(exc, BalancerError):
+                self.shared.warnings.failed("a repair", repairing, exc, me)
+            else:
+                log.warning("%s: background replication failed: %s", me, exc)
 
         future.add_done_callback(finished)
 

@@ -18,6 +18,7 @@ from balancer.kv.placement import CachedPlacement, ReplicaSets
 from balancer.kv.shared import Shared, pointed
 from balancer.kv.transfer import Transfer
 from balancer.ring import Ring
+from balancer.skew import wall_clock
 from balancer.types import Handler, Member, NodeInfo, Record, Version
 
 __all__ = ["KVService"]
@@ -47,6 +48,7 @@ class KVService:
         *,
         members: Callable[[], tuple[Member, ...]] | None = None,
         trusted: Callable[[], bool] | None = None,
+        wall: Callable[[], float] | None = None,
     ) -> None:
         self.ring = ring
         self.config = config
@@ -59,6 +61,7 @@ class KVService:
             emit=emit or (lambda event, **kwargs: None),
             members=members or functools.partial(pointed, ring),
             trusted=trusted or (lambda: True),
+            wall=wall or wall_clock(config.clock_offset, config.clock_drift),
         )
         self.replica_sets = ReplicaSets(self.shared)
         self.transfer = Transfer(self.shared)
@@ -208,9 +211,12 @@ class KVService:
         """See :meth:`~balancer.kv.coordinator.Coordinator.cancel_background`."""
         self.coordinator.cancel_background()
 
-    def forget_peer(self, address: str) -> None:
-        """See :meth:`~balancer.kv.transfer.Transfer.forget_peer`."""
+    def forget_peer(self, address: str, *, left: bool = False) -> None:
+        """See :meth:`~balancer.kv.transfer.Transfer.forget_peer`; a peer that ``left`` the ring
+        gracefully is no cause for warnings (see :class:`~balancer.kv.shared.PeerWarnings`)."""
         self.transfer.forget_peer(address)
+        if left:
+            self.shared.warnings.departed(address)
 
     # -- RPC handlers -----------------------------------------------------------------------------
 

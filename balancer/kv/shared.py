@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from balancer import wire
 from balancer.chord import Call
 from balancer.config import Config
+from balancer.errors import GoneError, PeerUnreachableError, RingError
 from balancer.hookspecs import ReplicationStrategy, Storage
 from balancer.kv.clock import HybridClock
 from balancer.ring import Ring
@@ -32,13 +33,35 @@ log = logging.getLogger("balancer.kv")
 class PeerWarnings:
     """Failures that matter (a replica that did not store a write, a peer that anti-entropy could not
     reach), logged as warnings once per peer and kind until that peer answers again: a peer that is down
-    until the failure detector gives up on it must not fill the log with one line per request."""
+    until the failure detector gives up on it must not fill the log with one line per request.
+
+    A routine departure is not a warning: failures with a peer that said it is leaving (or has left),
+    or that answered that it is leaving, are logged at INFO. So is the first refused connection of a
+    peer that has not answered since: a peer that stopped gracefully refuses connections before every
+    node has heard it left. A second one, with no leave heard meanwhile, is a warning.
+    """
 
     def __init__(self) -> None:
         self._warned: set[tuple[str, str]] = set()
+        self._refused: set[tuple[str, str]] = set()
+        self._departed: set[str] = set()
+
+    def departed(self, peer: str) -> None:
+        """``peer`` left the ring (or said it is leaving): its failures are routine until it answers."""
+        self._departed.add(peer)
 
     def failed(self, kind: str, peer: str, reason: object, me: object) -> None:
-        """``peer`` failed at ``kind``: warn, unless already warned since it last answered."""
+        """``peer`` failed at ``kind``: warn, unless already warned since it last answered, or the
+        failure is a routine departure (see the class)."""
+        if type(reason) in (RingError, GoneError):  # it answered that it is leaving, or has left
+            self._departed.add(peer)
+        if peer in self._departed:
+            log.info("%s: %s with %s failed: %s (it is leaving the ring)", me, kind, peer, reason)
+            return
+        if isinstance(reason, PeerUnreachableError) and reason.refused and (kind, peer) not in self._refused:
+            self._refused.add((kind, peer))
+            log.info("%s: %s with %s failed: %s (stopped, or leaving the ring)", me, kind, peer, reason)
+            return
         if (kind, peer) in self._warned:
             log.debug("%s: %s with %s failed again: %s", me, kind, peer, reason)
             return
@@ -47,8 +70,10 @@ class PeerWarnings:
 
     def answered(self, kind: str, peer: str) -> None:
         """``peer`` answered at ``kind``: its next failure is worth a warning again."""
-        if self._warned:  # called for every replica that stores a write: nearly always a no-op
+        if self._warned or self._refused or self._departed:  # called for every replica that stores a write
             self._warned.discard((kind, peer))
+            self._refused.discard((kind, peer))
+            self._departed.discard(peer)
 
 
 SLICE_SECONDS = 0.005
@@ -93,7 +118,7 @@ class Shared:
     """The ring's processes, for strategies and syncing."""
     trusted: Callable[[], bool]
     """The node's trust in its view of the ring: not while cut off, or merging rings."""
-    wall: Callable[[], float] = field(init=False)
+    wall: Callable[[], float] = time.time
     """This node's wall clock (seconds since the epoch)."""
     clock: HybridClock = field(init=False)
     limits: wire.Limits = field(init=False)
@@ -107,8 +132,6 @@ class Shared:
     """Failures worth a warning, once per peer until it answers again."""
 
     def __post_init__(self) -> None:
-        offset = self.config.clock_offset
-        self.wall = (lambda: time.time() + offset) if offset else time.time
         self.clock = HybridClock(self.wall, max_skew=self.config.max_clock_skew)
         self.limits = wire.Limits(
             self.ring.space.bits, self.config.max_key_bytes, self.config.max_value_bytes

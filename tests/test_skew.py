@@ -1,0 +1,263 @@
+"""Clock offsets from round trips, the fence of a node whose clock is off from the ring's, and what a
+write stamped by a clock its replicas refuse leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+from helpers import RingFactory, settle
+
+from balancer.errors import ClockFencedError, QuorumError
+from balancer.kv import HybridClock
+from balancer.node import Node
+from balancer.plugins.local_transport import LocalNetwork, LocalTransport
+from balancer.skew import FENCE_FRACTION, Fence, PeerClocks, Skew, readable, wall_clock
+
+
+class Ticking:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocks(bound: float = 48.0) -> tuple[PeerClocks, Ticking]:
+    mono = Ticking()
+    return PeerClocks(bound, wall=lambda: 1_000_000.0, monotonic=mono), mono
+
+
+# -- estimates ------------------------------------------------------------------------------------
+
+
+def test_the_offset_is_the_reading_minus_the_round_trips_midpoint() -> None:
+    peers, _ = clocks()
+    # sent at 1,000 by our clock, answered 0.2 s later; the peer read 1,120.1 on its clock
+    peers.sample("b:1", 1000.0, 0.2, 1120.1)
+    found = peers.offset("b:1")
+    assert found is not None
+    assert found.seconds == pytest.approx(120.0)
+    assert found.error == pytest.approx(0.1)
+
+
+def test_the_estimate_is_the_sample_with_the_shortest_round_trip() -> None:
+    peers, _ = clocks()
+    peers.sample("b:1", 1000.0, 2.0, 1005.0)  # slow: the peer read somewhere in 1,000 .. 1,002
+    peers.sample("b:1", 1010.0, 0.02, 1013.01)  # fast: 3 s ahead, +-0.01
+    peers.sample("b:1", 1020.0, 1.0, 1020.0)
+    found = peers.offset("b:1")
+    assert found is not None
+    assert found.seconds == pytest.approx(3.0)
+    assert found.error == pytest.approx(0.01)
+
+
+def test_stale_samples_stop_counting_and_only_the_last_few_are_kept() -> None:
+    peers, mono = clocks()
+    peers.sample("b:1", 1000.0, 0.0, 1000.0)
+    mono.now += 61
+    assert peers.offset("b:1") is None
+    assert peers.offsets() == {}  # and the peer is forgotten
+    for i in range(20):  # a clock that stepped: after KEEP samples, only the new offset is known
+        peers.sample("c:1", 1000.0, 0.001 if i < 10 else 0.5, 1000.0 + (0 if i < 10 else 200))
+    found = peers.offset("c:1")
+    assert found is not None
+    assert found.seconds == pytest.approx(200 - 0.25)
+
+
+@pytest.mark.parametrize(
+    "value", [True, "1700000000", None, float("nan"), float("inf"), -5.0, 0, 1e12, [1.0], {"t": 1}]
+)
+def test_a_clock_that_is_not_a_plausible_reading_is_ignored(value: object) -> None:
+    assert readable(value) is None
+
+
+async def test_monitor_samples_answers_of_clocked_methods_only() -> None:
+    peers, mono = clocks()
+    answers: dict[str, Any] = {
+        "chord.state": {"successors": [], "clock": 1_000_030.0},
+        "kv.store": {"each": [], "clock": 1_000_500.0},  # not a method that tells time: not sampled
+        "chord.ping": {"id": 1, "clock": "soon"},  # hostile: ignored, the answer still returned
+    }
+
+    async def call(address: str, method: str, payload: dict[str, Any], timeout: float) -> Any:
+        mono.now += 0.01
+        return answers[method]
+
+    monitored = peers.monitor(call)
+    assert await monitored("b:1", "chord.ping", {}, 1.0) == answers["chord.ping"]
+    assert peers.offset("b:1") is None
+    await monitored("b:1", "kv.store", {}, 1.0)
+    assert peers.offset("b:1") is None
+    await monitored("b:1", "chord.state", {}, 1.0)
+    found = peers.offset("b:1")
+    assert found is not None
+    assert found.seconds == pytest.approx(30 - 0.005)
+
+
+# -- the verdict ------------------------------------------------------------------------------------
+
+
+def test_a_node_is_fenced_when_a_majority_of_the_processes_disagree_with_its_clock() -> None:
+    peers, _ = clocks(bound=48.0)
+    assert not peers.skew().fenced  # nobody measured: its clock is the ring's
+    for p in ("b:1", "c:1", "d:1", "e:1"):  # four peers 120 s behind: this node is 120 s ahead
+        peers.sample(p, 1000.0, 0.01, 880.0)
+    skew = peers.skew()
+    assert (skew.fenced, skew.far, skew.peers) == (True, 4, 4)
+    assert skew.ahead == pytest.approx(120.005, abs=0.01)
+    assert "120.0 s ahead of the ring's" in skew.describe()
+    # one peer off and three agreeing: that peer's clock is wrong, not this one's
+    right, _ = clocks(bound=48.0)
+    right.sample("bad:1", 1000.0, 0.01, 1120.0)
+    for p in ("c:1", "d:1", "e:1"):
+        right.sample(p, 1000.0, 0.01, 1000.0)
+    skew = right.skew()
+    assert (skew.fenced, skew.far) == (False, 1)
+    assert abs(skew.ahead) < 0.1
+    assert right.skew(among=["bad:1"]).fenced  # counted against that peer alone: a tie fences
+
+
+def test_a_clock_within_the_bound_or_too_uncertain_to_tell_is_not_far() -> None:
+    peers, _ = clocks(bound=48.0)
+    peers.sample("b:1", 1000.0, 0.01, 1030.0)  # +30 s: inside the bound
+    peers.sample("c:1", 1000.0, 20.0, 1010.0 + 58.0)  # 58 s +-10: maybe within 48
+    skew = peers.skew()
+    assert (skew.far, skew.fenced) == (0, False)
+
+
+def test_the_fence_logs_each_change_once_and_rewinds_when_it_lifts(caplog: pytest.LogCaptureFixture) -> None:
+    peers, _ = clocks(bound=48.0)
+    lifted: list[bool] = []
+    fence = Fence(peers, name="a:1", on_lifted=lambda: lifted.append(True))
+    caplog.set_level(logging.INFO, logger="balancer.skew")
+    for p in ("b:1", "c:1"):
+        peers.sample(p, 1000.0, 0.01, 1000.0 - 120)
+    for _ in range(3):
+        fence.update()
+    assert isinstance(fence.fenced, ClockFencedError)
+    assert fence.fenced.ahead == pytest.approx(120, abs=0.1)
+    assert fence.fenced.bound == 48.0
+    assert "120.0 s ahead" in str(fence.fenced)
+    for p in ("b:1", "c:1"):  # the clock is set right: the next samples agree
+        for _ in range(8):
+            peers.sample(p, 1000.0, 0.001, 1000.0)
+    for _ in range(3):
+        fence.update()
+    assert fence.fenced is None
+    assert lifted == [True]
+    lines = [r.getMessage() for r in caplog.records if r.name == "balancer.skew"]
+    assert [("lifted" in line) for line in lines] == [False, True], lines
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "balancer.skew")
+
+
+def test_the_fraction_leaves_a_margin_below_the_skew_replicas_accept() -> None:
+    assert 0.5 < FENCE_FRACTION < 1  # +30 s of a 60 s skew is inside the bound, 60 s is not
+    assert not Skew(30.0, 0.1, 4, 0, FENCE_FRACTION * 60).fenced
+
+
+def test_a_drifting_test_clock_gains_from_its_start() -> None:
+    wall = wall_clock(offset=5.0, drift=10.0)
+    first = wall() - time.time()
+    assert 4.9 < first < 6
+    assert wall_clock() is time.time
+
+
+def test_rewind_forgets_stamps_ahead_of_the_wall_clock_only() -> None:
+    wall = [1000.0]
+    clock = HybridClock(lambda: wall[0])
+    ahead = clock.now()
+    wall[0] = 880.0  # the clock was set back 120 s
+    clock.rewind()
+    assert clock.now() < ahead
+    behind = HybridClock(lambda: 1000.0)
+    stamp = behind.now()
+    behind.rewind()  # nothing ahead: nothing changes
+    assert behind.now() > stamp
+
+
+# -- rings ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [120.0, -120.0])
+async def test_a_joiner_whose_clock_is_far_off_is_refused_at_join(
+    make_ring: RingFactory, network: LocalNetwork, offset: float
+) -> None:
+    nodes = await make_ring(2)
+    joiner = Node(nodes[0].config.evolve(clock_offset=offset), join=nodes[1].address, pm=nodes[0].pm,
+                  transport=LocalTransport(network))  # fmt: skip
+    side = "ahead of" if offset > 0 else "behind"
+    with pytest.raises(ClockFencedError, match=rf"clock is 12\d\.\d s {side} the ring's") as refused:
+        await joiner.start()
+    assert abs(refused.value.ahead - offset) < 1
+    assert not joiner.member
+    assert all(m.address != joiner.config.advertised for n in nodes for m in n.members())
+
+
+async def fenced_ring(make_ring: RingFactory, network: LocalNetwork, drift: float) -> list[Node]:
+    """A ring of four whose last node's clock drifts ``drift`` s per second, polled until it is fenced."""
+    nodes = await make_ring(3, replicas=3, write_quorum=2, read_quorum=2)
+    config = nodes[0].config.evolve(clock_drift=drift)
+    drifter = Node(config, join=nodes[0].address, pm=nodes[0].pm, transport=LocalTransport(network))
+    await drifter.start()
+    nodes.append(drifter)
+    deadline = time.monotonic() + 60
+    while drifter.fence.fenced is None:
+        assert time.monotonic() < deadline, f"not fenced within 60 s: {drifter.fence.skew}"
+        for node in nodes:
+            await node.ring.stabilize()  # round trips that carry the peers' clocks
+            await node.ring_status()
+            node.fence.update()
+    return nodes
+
+
+@pytest.mark.parametrize("drift", [60.0, -60.0])
+async def test_a_node_whose_clock_drifts_away_is_fenced_and_says_so(
+    make_ring: RingFactory, network: LocalNetwork, drift: float
+) -> None:
+    nodes = await fenced_ring(make_ring, network, drift)
+    drifter, correct = nodes[-1], nodes[:-1]
+    with pytest.raises(ClockFencedError, match="serves no reads or writes"):
+        await drifter.put("k", b"v")
+    with pytest.raises(ClockFencedError):
+        await drifter.get("k")
+    status = await drifter.status()
+    assert status["clock"]["fenced"] is True
+    assert status["clock"]["far"] >= 2
+    assert status["clock"]["ahead"] * drift > 0
+    assert abs(status["clock"]["ahead"]) > 40
+    for node in correct:  # the others are not fenced, flag it, and serve
+        node.fence.update()
+        assert node.fence.fenced is None
+        view = await node.ring_view()
+        flagged = {m["address"]: m["fenced"] for m in view["members"]}
+        assert flagged[drifter.address] is True
+        assert [a for a, fenced in flagged.items() if fenced] == [drifter.address]
+    await correct[0].put("k", b"v")
+    assert await correct[1].get("k") == b"v"
+
+
+async def test_a_write_its_replicas_refuse_for_its_stamp_is_kept_nowhere_and_never_wins(
+    make_ring: RingFactory,
+) -> None:
+    nodes = await make_ring(3, replicas=3, write_quorum=2, read_quorum=2)
+    first, _, skewed = nodes
+    await first.put("k", b"acknowledged")
+    # the coordinator's clock jumps 120 s ahead, before any measurement could fence it
+    skewed.kv.clock = HybridClock(lambda: time.time() + 120, max_skew=60)
+    with pytest.raises(QuorumError):
+        await skewed.put("k", b"refused")
+    for node in nodes:
+        stored = await node.storage.get(b"k")
+        assert stored is not None, node.address
+        assert stored.value == b"acknowledged", node.address
+    # 120 s later by every clock: the refused write must not surface through anti-entropy or repair
+    for node in nodes:
+        node.kv.clock = HybridClock(lambda: time.time() + 120, max_skew=60)
+    await settle(nodes)
+    for node in nodes:
+        assert await node.get("k") == b"acknowledged"
