@@ -53,8 +53,9 @@ CLOCKED = frozenset({"chord.state", "chord.ping", "chord.batch", "ring.describe"
 FENCE_FRACTION = 0.8
 """The fence's bound as a fraction of ``max_clock_skew``: the margin keeps a node fenced before the
 records it would stamp are refused by replicas for being too far ahead."""
-KEEP = 8
-"""Samples kept per peer; the one with the shortest round trip is the estimate."""
+KEEP = 4
+"""Samples kept per peer; the one with the shortest round trip is the estimate. Few, so that a clock
+that steps or drifts is seen within a few round trips."""
 FRESH = 60.0
 """Seconds a sample counts towards its peer's estimate."""
 

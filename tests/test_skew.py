@@ -261,3 +261,19 @@ async def test_a_write_its_replicas_refuse_for_its_stamp_is_kept_nowhere_and_nev
     await settle(nodes)
     for node in nodes:
         assert await node.get("k") == b"acknowledged"
+
+
+async def test_a_read_returns_a_record_a_replica_accepted_from_a_clock_ahead_of_its_own(
+    make_ring: RingFactory,
+) -> None:
+    nodes = await make_ring(3, replicas=3, write_quorum=2, read_quorum=2)
+    ahead, behind, _ = nodes
+    await behind.put("k", b"older")
+    ahead.kv.clock = HybridClock(lambda: time.time() + 50, max_skew=60)  # inside what replicas accept
+    await ahead.put("k", b"newer")
+    # 20 s behind: the version is 70 s ahead of this clock, past its skew but not past a read's horizon
+    behind.kv.clock = HybridClock(lambda: time.time() - 20, max_skew=60)
+    assert await behind.get("k") == b"newer"
+    with pytest.raises(QuorumError):  # and it cannot order a write before that version: it refuses
+        await behind.put("k", b"ordered before newer")
+    assert await nodes[2].get("k") == b"newer"

@@ -61,13 +61,16 @@ class Transfer:
     # -- reads ------------------------------------------------------------------------------------
 
     def adoptable(self, record: Record | None) -> Record | None:
-        """``record``, or ``None`` if it is stamped beyond the allowed clock skew: such a record (stored
-        before this check existed, or by a node with a wrong clock) is never returned, repaired with, nor
-        allowed to move this node's clock."""
-        if record is None or record.version.timestamp <= self.shared.clock.limit():
+        """``record``, or ``None`` if it is stamped beyond the read horizon (twice the allowed clock
+        skew: :meth:`~balancer.kv.clock.HybridClock.horizon`): such a record (stored before the checks
+        existed, or forged) is never returned nor repaired with. One within the horizon is returned but
+        moves this node's clock no further than the skew allows."""
+        if record is None or record.version.timestamp <= self.shared.clock.horizon():
             return record
         log.warning(
-            "%s: ignoring a record of %r stamped beyond the clock skew", self.shared.ring.info, record.key
+            "%s: ignoring a record of %r stamped beyond twice the clock skew",
+            self.shared.ring.info,
+            record.key,
         )
         return None
 
