@@ -10,7 +10,9 @@ the bridge itself at .1, where the client runs). Faults:
 - slow links: a token bucket (``tc tbf``) limits what a node sends, so its packets queue (this kernel has
   no ``netem``, so delay comes from queueing, not from a fixed added latency);
 - pauses: SIGSTOP and SIGCONT; crashes: kill -9, and a restart on the same address (and data folder);
-- clock skew: a node started with ``--clock-offset`` (a test-only option) runs its clocks that far off.
+- clock skew: a node started with ``--clock-offset`` (a test-only option) runs its clocks that far off;
+  one started with ``--clock-drift`` (test-only too) gains or loses that many seconds per second, so it
+  drifts away from the ring's clock while it is a member (and is fenced once past the bound).
 
 Everything the harness creates it removes, also when the run fails (namespaces, bridge, processes). It
 needs root and iproute2 and nftables: :func:`unavailable` says what is missing.
@@ -19,6 +21,7 @@ needs root and iproute2 and nftables: :func:`unavailable` says what is missing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import shutil
@@ -156,6 +159,8 @@ class Member:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    started: float = 0.0  # monotonic time of the last start
+    retired: bool = False  # killed for good by its schedule: not restarted at the end
 
     @property
     def address(self) -> str:
@@ -172,6 +177,19 @@ class Member:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         self.paused = False
+        self.started = time.monotonic()
+
+    async def clock(self) -> dict[str, object] | None:
+        """This member's ``clock`` in ``GET /status`` (see balancer.skew), or None if it does not answer."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
+                http.get(f"http://{self.address}/status") as resp,
+            ):
+                found = orjson.loads(await resp.read()).get("clock") if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
 
     def signal(self, sig: int) -> None:
         if self.alive:
@@ -216,6 +234,8 @@ class Cluster:
         self.args = args
         self.data = data
         self.members: list[Member] = []
+        self.notes: list[str] = []
+        """What a schedule observed besides the history (when a clock was fenced, a join refused)."""
 
     def add(self, extra: Iterable[str] = ()) -> Member:
         host = self.net.add_host()
@@ -656,6 +676,57 @@ async def skew(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     cluster.heal()
 
 
+async def _fenced_within(member: Member, limit: float) -> float | None:
+    """Seconds from ``member``'s start until its ``/status`` says it is fenced (None: not in ``limit``)."""
+    while time.monotonic() - member.started < limit:
+        clock = await member.clock()
+        if clock is not None and clock.get("fenced") is True:
+            return time.monotonic() - member.started
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def far_joiner(cluster: Cluster, seconds: float, rng: random.Random, offset: str) -> None:
+    """A fifth node whose clock is ``offset`` s off joins at a tenth of the run: refused at join."""
+    t0 = time.monotonic()
+    await _at(0.1, seconds, t0)
+    member = cluster.add(["--clock-offset", offset])
+    member.start(join=cluster.members[0])
+    assert member.process is not None
+    try:
+        code = await asyncio.to_thread(member.process.wait, 60)
+    except subprocess.TimeoutExpired:
+        cluster.notes.append(f"the {offset} s node was not refused at join within 60 s")
+        return
+    said = [line for line in member.log.read_text(errors="replace").splitlines() if "clock is" in line]
+    cluster.notes.append(
+        f"the {offset} s node was refused at join after {time.monotonic() - member.started:.1f} s "
+        f"(exit status {code}): {said[-1].strip() if said else 'no reason logged'}"
+    )
+
+
+async def drifter(cluster: Cluster, seconds: float, rng: random.Random) -> None:
+    """The last member's clock drifts (see SCHEDULE_FLAGS): it must be fenced; killed -9 at the end, as
+    the reads that judge the run go through the correct members."""
+    t0 = time.monotonic()
+    member = cluster.members[-1]
+    fenced = await _fenced_within(member, max(10.0, seconds))
+    cluster.notes.append(
+        "the drifting node was not fenced"
+        if fenced is None
+        else f"the drifting node was fenced {fenced:.1f} s after its start"
+    )
+    await _at(0.9, seconds, t0)
+    member.retired = True
+    member.kill()
+
+
+async def near_clock(cluster: Cluster, seconds: float, rng: random.Random) -> None:
+    """The last member's clock is 30 s ahead (see SCHEDULE_FLAGS), inside the fence's bound: it serves."""
+    fenced = await _fenced_within(cluster.members[-1], seconds)
+    cluster.notes.append("the +30 s node was fenced" if fenced else "the +30 s node was never fenced")
+
+
 async def mixed(cluster: Cluster, seconds: float, rng: random.Random) -> None:
     """A random fault every tenth of the run (partition, pause, kill -9 and restart, loss), each healed
     before the next; never more than one node down at a time."""
@@ -688,12 +759,22 @@ SCHEDULES: dict[str, Schedule] = {
     "kill-restart": kill_restart,
     "churn": churn,
     "skew": skew,
+    "skew+120": functools.partial(far_joiner, offset="120"),
+    "skew-120": functools.partial(far_joiner, offset="-120"),
+    "skew+30": near_clock,
+    "drift+": drifter,
+    "drift-": drifter,
     "mixed": mixed,
 }
 SCHEDULE_FLAGS: dict[str, dict[int, list[str]]] = {
-    "skew": {1: ["--clock-offset", "20"], 2: ["--clock-offset", "-20"]}
+    "skew": {1: ["--clock-offset", "20"], 2: ["--clock-offset", "-20"]},
+    "skew+30": {-1: ["--clock-offset", "30"]},
+    "drift+": {-1: ["--clock-drift", "12"]},  # 48 s ahead (the fence's bound) 4 s after its start
+    "drift-": {-1: ["--clock-drift", "-12"]},
 }
-"""Extra flags of some members (by position) for a schedule."""
+"""Extra flags of some members (by position; -1 is the last) for a schedule."""
+LATE_JOINERS = {"skew+120", "skew-120"}
+"""Schedules whose last node joins during the run (the ring forms without it)."""
 
 
 @dataclass
@@ -708,6 +789,7 @@ class Outcome:
     verdict: Verdict
     converged: float | None
     logs: Path
+    notes: list[str] = field(default_factory=list)
 
 
 async def run_schedule(
@@ -729,8 +811,9 @@ async def run_schedule(
     cluster = Cluster(net, folder, ["--replication", replication], data=storage == "sqlite")
     try:
         flags = SCHEDULE_FLAGS.get(name, {})
-        for i in range(nodes):
-            member = cluster.add(flags.get(i, []))
+        formed = nodes - 1 if name in LATE_JOINERS else nodes
+        for i in range(formed):
+            member = cluster.add(flags.get(i, flags.get(i - formed, [])))
             member.start(join=cluster.members[0] if i else None)
             if i == 0:
                 await until(lambda: ring_settled(cluster.members[:1]), "the first node", 30, interval=0.3)
@@ -739,12 +822,13 @@ async def run_schedule(
         await asyncio.gather(client.run(seconds), SCHEDULES[name](cluster, seconds, rng))
         cluster.heal()
         for member in cluster.members:
-            if member.process is not None and not member.alive and member.process.returncode == -9:
+            killed = member.process is not None and member.process.returncode == -9
+            if killed and not member.alive and not member.retired:
                 member.start(join=cluster.live()[0])  # a node killed at the very end comes back too
         converged, final = await converge(client, cluster.live(), 90)
         dump(client.history, folder / "history.jsonl")
         verdict = check(client.history, final)
-        return Outcome(name, storage, replication, nodes, seconds, verdict, converged, folder)
+        return Outcome(name, storage, replication, nodes, seconds, verdict, converged, folder, cluster.notes)
     finally:
         cluster.stop()
         net.close()

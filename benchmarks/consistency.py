@@ -70,6 +70,8 @@ async def run(args: argparse.Namespace) -> list[Outcome]:
         )  # fmt: skip
         outcomes.append(outcome)
         table(HEAD, [row(outcome)])
+        for note in outcome.notes:
+            print(f"  {note}")
         for example in outcome.verdict.examples:
             print(f"  {example}")
         print(f"  logs: {folder}", flush=True)
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table(HEAD, [row(o) for o in outcomes])
     write_json(args.json, [
         {"schedule": o.schedule, "storage": o.storage, "replication": o.replication, "nodes": o.nodes,
-         "seconds": o.seconds, "converged": o.converged, **o.verdict.__dict__}
+         "seconds": o.seconds, "converged": o.converged, "notes": o.notes, **o.verdict.__dict__}
         for o in outcomes
     ])  # fmt: skip
     bad = any(o.verdict.lost or o.verdict.stale or o.verdict.resurrected for o in outcomes)
