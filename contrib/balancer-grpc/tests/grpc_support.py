@@ -14,12 +14,14 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
+import orjson
 from processes import free_port
 
 FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--anti-entropy-interval", "0.5"]
@@ -60,9 +62,16 @@ class GrpcCluster:
     tmp: Path
     procs: list[GrpcProc] = field(default_factory=list)
 
-    def start(self, *, join: str | None = None, extra: tuple[str, ...] = ()) -> GrpcProc:
+    def start(
+        self,
+        *,
+        join: str | None = None,
+        extra: tuple[str, ...] = (),
+        preexec: Callable[[], None] | None = None,
+    ) -> GrpcProc:
         """Start a node creating a ring (``join=None``) or joining ``join`` (a ring, that is gRPC,
-        address), with this package's plugin alone."""
+        address), with this package's plugin alone; ``preexec`` runs in the child before it starts (to
+        set resource limits, say)."""
         port, http_port = free_port(), free_port()
         where = ["--join", join] if join else ["--ring"]
         log = self.tmp / f"node-{port}.log"
@@ -72,7 +81,7 @@ class GrpcCluster:
         ]
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
             )
         proc = GrpcProc(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process, log)
         self.procs.append(proc)
@@ -89,6 +98,26 @@ class GrpcCluster:
                 proc.process.kill()
         for proc in self.procs:
             proc.process.wait(timeout=10)
+
+
+async def get_json(http: aiohttp.ClientSession, address: str, path: str, timeout: float) -> Any:
+    """``GET http://address/path`` decoded, or ``None`` if it does not answer 200 within ``timeout`` s."""
+    try:
+        async with http.get(f"http://{address}{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return orjson.loads(await resp.read()) if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
+async def settled(http: aiohttp.ClientSession, procs: Sequence[GrpcProc]) -> bool:
+    """Whether the first process's survey finds exactly these processes up (by their ring addresses,
+    which are their gRPC ports) and the ring settled."""
+    view = await get_json(http, procs[0].http, "/ring", 5)
+    if not isinstance(view, dict) or not view.get("settled"):
+        return False
+    up = {m["address"] for m in view["members"] if m["state"] != "down"}
+    wanted = {p.address for p in procs}
+    return up == wanted and all(m["state"] == "up" for m in view["members"] if m["address"] in up)
 
 
 def openssl(*args: str | Path) -> None:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from grpc_support import GrpcCluster, GrpcProc
+from grpc_support import GrpcCluster, GrpcProc, get_json, settled
 from processes import until
 
 
@@ -26,31 +24,12 @@ def grpc_cluster(tmp_path: Path) -> Iterator[GrpcCluster]:
         made.stop_all()
 
 
-async def _json(http: aiohttp.ClientSession, address: str, path: str, timeout: float) -> Any:
-    try:
-        async with http.get(f"http://{address}{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            return orjson.loads(await resp.read()) if resp.status == 200 else None
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return None
-
-
 async def _answers(http: aiohttp.ClientSession, proc: GrpcProc) -> bool:
-    return await _json(http, proc.http, "/status", 1) is not None
-
-
-async def _settled(http: aiohttp.ClientSession, procs: list[GrpcProc]) -> bool:
-    """Whether the first process's survey finds exactly these processes up (by their ring addresses,
-    which are their gRPC ports) and the ring settled."""
-    view = await _json(http, procs[0].http, "/ring", 5)
-    if not isinstance(view, dict) or not view.get("settled"):
-        return False
-    up = {m["address"] for m in view["members"] if m["state"] != "down"}
-    wanted = {p.address for p in procs}
-    return up == wanted and all(m["state"] == "up" for m in view["members"] if m["address"] in up)
+    return await get_json(http, proc.http, "/status", 1) is not None
 
 
 async def _records(http: aiohttp.ClientSession, procs: list[GrpcProc], expected: int) -> bool:
-    views = [await _json(http, p.http, "/status", 1) for p in procs]
+    views = [await get_json(http, p.http, "/status", 1) for p in procs]
     return sum(int(v["records"]) for v in views if isinstance(v, dict)) == expected
 
 
@@ -70,7 +49,7 @@ async def test_five_grpc_processes_share_keys_survive_a_leave_and_heal_after_kil
         for _ in range(4):
             grpc_cluster.start(join=first.address)
         procs = list(grpc_cluster.procs)
-        await until(lambda: _settled(http, procs), timeout=90, what="5-node ring convergence")
+        await until(lambda: settled(http, procs), timeout=90, what="5-node ring convergence")
         assert f"the HTTP API is at http://{first.http}" in first.output()
 
         keys = {f"user:{i}": f"value {i}".encode() for i in range(120)}
@@ -89,14 +68,14 @@ async def test_five_grpc_processes_share_keys_survive_a_leave_and_heal_after_kil
         assert leaver.terminate() == 0
         assert "left the ring" in leaver.output()
         rest = grpc_cluster.alive()
-        await until(lambda: _settled(http, rest), timeout=60, what="convergence after a leave")
+        await until(lambda: settled(http, rest), timeout=60, what="convergence after a leave")
         await _all_read(http, rest[0], keys)
 
         # kill -9: the ring heals, no acknowledged key is lost (N = 3), and three copies are restored
         victim = procs[3]
         victim.kill9()
         survivors = grpc_cluster.alive()
-        await until(lambda: _settled(http, survivors), timeout=60, what="healing after kill -9")
+        await until(lambda: settled(http, survivors), timeout=60, what="healing after kill -9")
         await _all_read(http, survivors[-1], keys)
         await until(lambda: _records(http, survivors, 3 * len(keys)), timeout=60, what="re-replication")
 
