@@ -1,9 +1,16 @@
 """The ``grpc`` transport: ring RPCs over gRPC (grpc.aio), the public HTTP API on a port of its own.
 
-A node on this transport listens with a gRPC server on its port (the address the ring knows it by) and
-calls each peer over one gRPC channel, kept and reused for every call to that peer (HTTP/2 multiplexes
-the calls, and answers come back in whatever order the handlers finish). Each ring RPC is the gRPC method
+A node on this transport serves gRPC on its port (the address the ring knows it by) and calls each peer
+over one gRPC channel, kept and reused for every call to that peer (HTTP/2 multiplexes the calls, and
+answers come back in whatever order the handlers finish). Each ring RPC is the gRPC method
 ``/balancer.Ring/<method>`` with a msgpack body (see :mod:`balancer_grpc.codec`).
+
+The port bounds what it holds as the HTTP port does: the gRPC server listens on 127.0.0.1, behind a
+:class:`~balancer_grpc.port.GatedPort` on the node's port that admits connections through a
+:class:`~balancer.plugins.connections.ConnectionGate` (a cap fitted to the open-file limit with the HTTP
+port's, a reserve for connections that made an authenticated ring RPC, oldest idle public connection
+evicted first, ``header_timeout`` to make that first call) and relays them; gRPC's own options bound the
+rest (idle and age limits, handshake timeout, concurrent streams, pings).
 
 gRPC owns its port, so the public API (``/kv``, ``/status``, ``/ring``, ``/lookup``, ``/ui`` and plugin
 routes such as ``/metrics``) cannot share it: it is served by the ``aiohttp`` transport's HTTP server on
@@ -31,6 +38,7 @@ nor the reverse.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 from collections.abc import Callable, Mapping
@@ -46,6 +54,7 @@ from balancer.errors import BalancerError, ConfigError, PeerUnreachableError, Un
 from balancer.errors import UnknownMethodError as _UnknownMethodError
 from balancer.hookspecs import Handler, Payload, PublicApi, Transport
 from balancer.plugins.aiohttp_transport import AiohttpTransport, rpc_exposure
+from balancer.plugins.connections import ConnectionGate
 from balancer_grpc.codec import (
     SERVICE,
     SIGNED,
@@ -56,9 +65,11 @@ from balancer_grpc.codec import (
     method_path,
     raise_for,
 )
+from balancer_grpc.port import GatedPort, fitted_caps
 
 __all__ = [
     "ANSWER_LIMIT",
+    "MAX_CONNECTION_AGE_MS",
     "MAX_IN_FLIGHT",
     "GrpcSettings",
     "GrpcTransport",
@@ -73,6 +84,10 @@ ANSWER_LIMIT = 1 << 28
 
 MAX_IN_FLIGHT = 256
 """Calls one connection may have running on the server at once (HTTP/2's concurrent streams)."""
+
+MAX_CONNECTION_AGE_MS = 60 * 60 * 1000
+"""How long the gRPC server keeps one connection (an hour), calls or not, before it asks the caller to dial
+again."""
 
 _PREFIX = f"/{SERVICE}/"
 
@@ -195,8 +210,14 @@ class _RingService(grpc.GenericRpcHandler):
 
         async def answer(body: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             failure: BaseException
+            relay = transport.gated.served(context.peer()) if transport.gated is not None else None
+            if relay is not None:
+                relay.busy += 1  # an idle connection may be evicted; this one is not idle
             try:
+                if relay is None:  # dialled the loopback port directly, past the gate
+                    raise UnauthorizedError("ring RPCs are served on the node's port only")
                 transport.authenticate(name, body, context)  # first: a stranger learns nothing
+                relay.promote()  # a ring member's connection: kept when public ones crowd in
                 handler = transport.handlers.get(name)
                 if handler is None:
                     raise _UnknownMethodError(f"unknown method {name!r}")
@@ -206,6 +227,9 @@ class _RingService(grpc.GenericRpcHandler):
             except Exception as exc:
                 log.exception("internal error answering %s over gRPC", name)
                 failure = exc
+            finally:
+                if relay is not None:
+                    relay.busy -= 1
             code, details, trailers = error_trailers(failure)
             return await context.abort(code, details, trailers)
 
@@ -216,8 +240,10 @@ class GrpcTransport(Transport):
     """Ring RPCs over gRPC; the public API over HTTP on ``grpc.http_port``. See the module documentation.
 
     :param config: the node's settings: ``rpc_timeout`` (how long :meth:`aclose` lets calls in progress
-        finish), ``idle_timeout`` (connections idle this long are closed), size limits, the RPC keys, the
-        TLS files, and this plugin's own (:class:`GrpcSettings`).
+        finish), ``idle_timeout`` (connections idle this long are closed), ``max_connections`` (the cap of
+        each port, both lowered together to fit the open-file limit: :func:`~balancer_grpc.port.fitted_caps`),
+        ``header_timeout`` (a new gRPC connection's time to make an authenticated call), size limits, the
+        RPC keys, the TLS files, and this plugin's own (:class:`GrpcSettings`).
     """
 
     def __init__(self, config: Config | None = None) -> None:
@@ -233,14 +259,17 @@ class GrpcTransport(Transport):
         self.http_port: int | None = None
         """The port of the public HTTP API, once serving."""
         self.port: int | None = None
-        """The gRPC port, once serving."""
+        """The gRPC port (the gated one, the ring's address of the node), once serving."""
         self.guard: ReplayGuard | None = None
         """The server's replay guard, once serving with a key."""
+        self.gated: GatedPort | None = None
+        """The public gRPC port and its connection gate, once serving."""
         self.secret = rpc_secret(self.config.cluster_secret, self.config.api_token)
         """The key ring RPCs are signed with, if any."""
         self.mutual = bool(self.config.tls_ca and self.config.tls_cert)
         """Whether callers may authenticate with a certificate signed by ``tls_ca``."""
         self._credentials = channel_credentials(self.config)
+        self._http_config = self.config  # with the HTTP port's share of the connections, once serving
         self._server: grpc.aio.Server | None = None
         self._peers: dict[str, _Peer] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -256,12 +285,22 @@ class GrpcTransport(Transport):
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.client_idle_timeout_ms", max(1000, idle_ms // 2)),  # before the server would close it
         ]
+        rpc_ms = int(self.config.rpc_timeout * 1000)
         self._server_options: list[tuple[str, Any]] = [
             ("grpc.so_reuseport", 0),  # a taken port is an error, never a second server on it
             ("grpc.max_receive_message_length", self.body_limit),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", MAX_IN_FLIGHT),
             ("grpc.max_connection_idle_ms", max(1000, idle_ms)),
+            # a connection re-proves itself now and then (a certificate revoked since, say): GOAWAY, and
+            # the calls in progress get twice the RPC timeout to finish; a peer's channel redials unnoticed
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", max(1000, 2 * rpc_ms)),
+            ("grpc.server_handshake_timeout_ms", max(1000, int(self.config.header_timeout * 1000))),
+            # ring members never ping; a caller pinging an idle connection to keep it is sent away
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+            ("grpc.http2.max_ping_strikes", 2),
         ]
 
     # -- serving ----------------------------------------------------------------------------------
@@ -281,22 +320,45 @@ class GrpcTransport(Transport):
         if config.tls_ca and not config.tls_cert:
             raise ConfigError("tls_ca needs tls_cert and tls_key: peers present certificates only over TLS")
         self.handlers = handlers
-        server = grpc.aio.server(options=self._server_options)
+        http_cap, grpc_cap = fitted_caps(config.max_connections)
+        if min(http_cap, grpc_cap) < config.max_connections:
+            log.warning(
+                "serving at most %d HTTP and %d gRPC connections, not %d each: the open-file limit "
+                "leaves no room for more",
+                http_cap,
+                grpc_cap,
+                config.max_connections,
+            )
+        self._http_config = dataclasses.replace(config, max_connections=http_cap)
+        # gRPC has no hook to refuse a connection: it listens on loopback, behind a gated port of ours;
+        # its own cap only bounds what dials the loopback port past the gate
+        options = [*self._server_options, ("grpc.max_allowed_incoming_connections", 2 * grpc_cap)]
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((_RingService(self),))
-        target = _listen_target(host, port)
         credentials = server_credentials(config)
+        inner = "127.0.0.1:0"
         try:
-            bound = (
-                server.add_secure_port(target, credentials)
+            inner_port = (
+                server.add_secure_port(inner, credentials)
                 if credentials is not None
-                else server.add_insecure_port(target)
+                else server.add_insecure_port(inner)
             )
         except RuntimeError as exc:  # grpc's way of saying the bind failed
-            raise OSError(errno.EADDRINUSE, f"cannot listen on {target} for gRPC: {exc}") from None
-        if not bound:
-            raise OSError(errno.EADDRINUSE, f"cannot listen on {target} for gRPC")
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {inner} for gRPC: {exc}") from None
+        if not inner_port:
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {inner} for gRPC")
         await server.start()
-        self._server, self.port = server, bound
+        self._server = server
+        gated = GatedPort(ConnectionGate(grpc_cap, header_timeout=config.header_timeout), inner_port)
+        try:
+            bound = await gated.listen(host, port)
+        except OSError as exc:
+            await server.stop(None)
+            self._server = None
+            target = _listen_target(host, port)
+            code = exc.errno or errno.EADDRINUSE
+            raise OSError(code, f"cannot listen on {target} for gRPC: {exc}") from None
+        self.gated, self.port = gated, bound
         if self.secret is not None:
             self.guard = ReplayGuard(self.secret, config.max_clock_skew)
             self.guard.answer_as(f"{config.advertised}:{bound}", f"{host}:{bound}")
@@ -315,7 +377,7 @@ class GrpcTransport(Transport):
             if api is not None:
                 log.warning("grpc.http_port is off: this node serves no HTTP API (/kv, /status, /ring, /ui)")
             return
-        self.http = AiohttpTransport(self.config)
+        self.http = AiohttpTransport(self._http_config)
         self.http_port = await self.http.serve(host, wanted, handlers, api)
         where = f"http://{self.config.advertised}:{self.http_port}"
         if wanted == 0:
@@ -395,10 +457,15 @@ class GrpcTransport(Transport):
         server, self._server = self._server, None
         peers, self._peers = list(self._peers.values()), {}
         http, self.http = self.http, None
+        gated = self.gated
         try:
+            if gated is not None:
+                gated.stop_listening()  # new callers are refused; calls in progress still get answered
             if server is not None:
                 await server.stop(grace=self.config.rpc_timeout)
         finally:
+            if gated is not None:
+                await gated.aclose()
             await asyncio.gather(*(p.channel.close() for p in peers), return_exceptions=True)
             if self._retiring:
                 await asyncio.gather(*self._retiring, return_exceptions=True)
