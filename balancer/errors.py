@@ -255,6 +255,7 @@ class StaleRequestError(UnauthorizedError):
 
 _REBUILT: tuple[type[BalancerError], ...] = (
     BadRequestError,
+    ClockFencedError,
     ClockSkewError,
     ConfigError,
     IncompatibleConfigError,

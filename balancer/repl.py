@@ -102,8 +102,23 @@ def format_status(status: dict[str, Any]) -> str:
         ("fingers", ", ".join(f["address"] for f in status.get("fingers") or []) or "-"),
         ("records", str(status.get("records"))),
     ]
+    clock = status.get("clock")
+    if isinstance(clock, dict):
+        rows.append(("clock", _clock_line(clock)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _clock_line(clock: dict[str, Any]) -> str:
+    """``/status``'s ``clock`` in a few words: the offset to the ring's, and whether it is fenced."""
+    try:
+        ahead, error, peers = float(clock["ahead"]), float(clock["error"]), int(clock["peers"])
+    except (KeyError, TypeError, ValueError):
+        return "-"
+    if not peers:
+        return "no peer measured yet"
+    line = f"{ahead:+.1f} s from the ring's (+-{error:.1f} s, {peers} peers)"
+    return f"FENCED: {line}, beyond {clock.get('bound')} s" if clock.get("fenced") else line
 
 
 def format_members(ring: dict[str, Any]) -> str:
@@ -120,7 +135,7 @@ def format_members(ring: dict[str, Any]) -> str:
         rows.append(
             (
                 str(m.get("address")),
-                str(m.get("state")),
+                f"{m.get('state')}, clock fenced" if m.get("fenced") else str(m.get("state")),
                 str(m.get("vnodes")),
                 f"{m.get('weight', 1):g}",
                 "-" if records is None else f"{records:,}",

@@ -21,6 +21,7 @@ needs root and iproute2 and nftables: :func:`unavailable` says what is missing.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import os
 import random
@@ -677,13 +678,25 @@ async def skew(cluster: Cluster, seconds: float, rng: random.Random) -> None:
 
 
 async def _fenced_within(member: Member, limit: float) -> float | None:
-    """Seconds from ``member``'s start until its ``/status`` says it is fenced (None: not in ``limit``)."""
+    """Seconds from ``member``'s start until it was fenced, by the time of its log line saying so (None:
+    its ``/status`` did not say it is fenced within ``limit`` seconds of its start)."""
     while time.monotonic() - member.started < limit:
         clock = await member.clock()
         if clock is not None and clock.get("fenced") is True:
-            return time.monotonic() - member.started
+            lines = member.log.read_text(errors="replace").splitlines()
+            fenced = next((line for line in lines if ": fenced: " in line), None)
+            if fenced is None:
+                return time.monotonic() - member.started
+            # the log's times are the system clock's (the node's skewed clock stamps versions only)
+            return _logged_at(fenced) - (time.time() - (time.monotonic() - member.started))
         await asyncio.sleep(0.2)
     return None
+
+
+def _logged_at(line: str) -> float:
+    """The time (seconds) a log line of a node was written, by its leading timestamp."""
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 async def far_joiner(cluster: Cluster, seconds: float, rng: random.Random, offset: str) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -107,6 +109,26 @@ async def test_a_drifting_clock_is_fenced_and_loses_no_acknowledged_write(cluste
             error = orjson.loads(await resp.read())["error"]
         assert error["type"] == "ClockFencedError"
         assert "ahead of the ring's" in error["message"]
+        told = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "balancer", "put", drifter.address, "probe", "x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert told.returncode == 1
+        assert told.stderr.startswith("error: this node's clock is"), told.stderr  # typed, one line
+        shown = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "balancer", "status", procs[1].address, "--ring"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert f"{drifter.address}" in shown.stdout
+        assert "clock fenced" in next(line for line in shown.stdout.splitlines() if drifter.address in line)
         view = await ring_view(http, procs[0].address)
         assert view is not None
         flagged = [m["address"] for m in view["members"] if m["fenced"]]
