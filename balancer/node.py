@@ -316,8 +316,12 @@ class Node(PublicApi):
                 except StaleRequestError as exc:  # our clock is behind a seed that just started: ask again
                     problems[seed] = exc
                     continue
-                except (IncompatibleConfigError, UnauthorizedError, ClockFencedError):
-                    raise  # a refusal: asking again will not help
+                except (IncompatibleConfigError, UnauthorizedError):  # a refusal: asking again will not help
+                    raise
+                except ClockFencedError as exc:  # measured through this seed: another may see otherwise
+                    problems[seed] = exc
+                    waiting.remove(seed)
+                    continue
                 except BadAnswerError as exc:  # up, and not a balancer node
                     if len(self.seeds) > 1 or self.create_if_alone:  # else the final error says it
                         log.warning("%s: seed %s is not a balancer node: %s", own, seed, exc)
@@ -337,6 +341,9 @@ class Node(PublicApi):
                     log.info("%s: waiting for %s (%d/%d)", own, ", ".join(waiting), attempt, len(schedule))
             else:
                 break
+        refused = [e for e in problems.values() if isinstance(e, ClockFencedError)]
+        if refused:  # never found a ring of its own with a clock its ring's seeds measured far off
+            raise refused[0]
         if problems and not self.create_if_alone:
             raise self._join_failure(problems, attempt, loop.time() - started)
         self._install(own, self._derived_ids(own)).create()
@@ -348,7 +355,9 @@ class Node(PublicApi):
         offset to its ring. A seed that is not a ring member yet raises :class:`RingError` (ask again)."""
         seed_view = await self._describe(seed)
         measured = self.clocks.offset(seed)
-        if measured is None:  # a seed that does not tell its time: an older version, refused later
+        if measured is None or seed_view.fenced:
+            # a seed that does not tell its time (an older version), or one whose own clock disagrees
+            # with its ring (in a ring of two, the midpoint of both): judged once a member, by everyone
             return
         ahead = seed_view.ahead - measured.seconds
         error = seed_view.ahead_error + measured.error
@@ -505,7 +514,7 @@ class Node(PublicApi):
         if not (self._lost or self._rejoining or self.detector.silent or self.fence.fenced):
             return
         if self.fence.fenced is not None:
-            raise self.fence.fenced
+            raise self.fence.error()
         cut = self._minority()
         if cut is not None:
             raise CutOffError(*cut)
@@ -740,8 +749,11 @@ class Node(PublicApi):
         self._membership_changed.set()
         self._survey_due.set()
         address = peer.address
-        if event != "joined" and self._kv is not None:
-            self._kv.forget_peer(address, left=event == "left")
+        if self._kv is not None:
+            if event == "joined":
+                self._kv.peer_back(address)
+            else:
+                self._kv.forget_peer(address, left=event == "left")
         if not self.member:
             return
         last = self._heard.get(address)
@@ -943,7 +955,7 @@ def _outcome(exc: BalancerError) -> str:
     """The ``balancer_kv_operation`` outcome of an operation that raised ``exc``."""
     if isinstance(exc, KeyNotFoundError):
         return "not_found"
-    if isinstance(exc, CutOffError | GoneError):
+    if isinstance(exc, CutOffError | GoneError | ClockFencedError):
         return "refused"
     if isinstance(exc, QuorumError):
         return "quorum"

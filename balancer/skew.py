@@ -27,16 +27,18 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from balancer.errors import ClockFencedError
 
 __all__ = [
     "CLOCKED",
+    "FAR",
     "FENCE_FRACTION",
     "FRESH",
     "KEEP",
+    "LIFT_FRACTION",
     "Fence",
     "Offset",
     "PeerClocks",
@@ -53,11 +55,17 @@ CLOCKED = frozenset({"chord.state", "chord.ping", "chord.batch", "ring.describe"
 FENCE_FRACTION = 0.8
 """The fence's bound as a fraction of ``max_clock_skew``: the margin keeps a node fenced before the
 records it would stamp are refused by replicas for being too far ahead."""
+LIFT_FRACTION = 0.7
+"""A fence lifts only once the clock is within this fraction of ``max_clock_skew`` of a majority, so
+that a clock near the bound does not fence and unfence with every round trip's noise."""
 KEEP = 4
 """Samples kept per peer; the one with the shortest round trip is the estimate. Few, so that a clock
 that steps or drifts is seen within a few round trips."""
 FRESH = 60.0
 """Seconds a sample counts towards its peer's estimate."""
+FAR = 1e6
+"""Offsets (and errors) are clamped to this many seconds: a dead clock battery's 1970 is far, and no
+further, so every figure derived from it stays within what the wire's schemas accept."""
 
 Call = Callable[[str, str, dict[str, Any], float], Any]
 
@@ -158,8 +166,9 @@ class PeerClocks:
     def sample(self, peer: str, sent: float, rtt: float, reading: float) -> None:
         """Record that ``peer`` read ``reading`` on its clock during a round trip that left at ``sent``
         (this node's wall clock) and took ``rtt`` seconds."""
-        rtt = max(0.0, rtt)
-        offset = Offset(reading - (sent + rtt / 2), rtt / 2, self._monotonic())
+        rtt = min(max(0.0, rtt), 2 * FAR)
+        seconds = min(max(reading - (sent + rtt / 2), -FAR), FAR)
+        offset = Offset(seconds, rtt / 2, self._monotonic())
         samples = self._samples.get(peer)
         if samples is None:
             samples = self._samples[peer] = deque(maxlen=self._keep)
@@ -185,19 +194,21 @@ class PeerClocks:
         """Drop ``peer``'s samples (it left the ring)."""
         self._samples.pop(peer, None)
 
-    def skew(self, among: Iterable[str] | None = None) -> Skew:
-        """This node's :class:`Skew` against its measured peers (only those in ``among``, if given)."""
+    def skew(self, among: Iterable[str] | None = None, *, bound: float | None = None) -> Skew:
+        """This node's :class:`Skew` against its measured peers (only those in ``among``, if given),
+        judged by ``bound`` (the fence's by default)."""
+        bound = self.bound if bound is None else bound
         offsets = self.offsets()
         if among is not None:
             wanted = set(among)
             offsets = {p: o for p, o in offsets.items() if p in wanted}
-        far = sum(1 for o in offsets.values() if abs(o.seconds) - o.error > self.bound)
+        far = sum(1 for o in offsets.values() if abs(o.seconds) - o.error > bound)
         if not offsets:
-            return Skew(0.0, 0.0, 0, 0, self.bound)
+            return Skew(0.0, 0.0, 0, 0, bound)
         # the ring's clock: the median of every process measured, this one at offset 0
         ring = statistics.median([0.0, *(o.seconds for o in offsets.values())])
         error = max(o.error for o in offsets.values())
-        return Skew(-ring, error, len(offsets), far, self.bound)
+        return Skew(-ring, error, len(offsets), far, bound)
 
     def monitor(self, call: Call) -> Call:
         """``call`` that samples the answers of :data:`CLOCKED` methods, which carry a ``clock``; any
@@ -223,17 +234,25 @@ class PeerClocks:
 class Fence:
     """Whether this node is fenced for its clock: :meth:`update` takes a fresh :class:`Skew` (a node
     runs it every few tenths of a second), logs each change once, and calls ``on_lifted`` when the
-    fence lifts (the hybrid clock forgets stamps ahead of the wall clock).
+    fence lifts (the hybrid clock forgets stamps ahead of the wall clock). A fenced node is judged
+    by the lower bound of :data:`LIFT_FRACTION` until the fence lifts.
 
-    ``name`` is what the log lines call this node.
+    ``name`` is what the log lines call this node; ``lift`` is the lower bound (seconds; 7/8 of the
+    fence's bound, :data:`LIFT_FRACTION` of ``max_clock_skew``, by default).
     """
 
     def __init__(
-        self, clocks: PeerClocks, *, name: object = "node", on_lifted: Callable[[], None] = lambda: None
+        self,
+        clocks: PeerClocks,
+        *,
+        name: object = "node",
+        on_lifted: Callable[[], None] = lambda: None,
+        lift: float | None = None,
     ) -> None:
         self.clocks = clocks
         self.name = name
         self.on_lifted = on_lifted
+        self.lift = round(clocks.bound * LIFT_FRACTION / FENCE_FRACTION, 6) if lift is None else lift
         self.skew = Skew(0.0, 0.0, 0, 0, clocks.bound)
         """The last :class:`Skew` measured."""
         self.fenced: ClockFencedError | None = None
@@ -241,7 +260,10 @@ class Fence:
 
     def update(self, among: Iterable[str] | None = None) -> Skew:
         """Measure again against the peers in ``among`` (all measured peers if ``None``)."""
+        among = None if among is None else list(among)
         skew = self.skew = self.clocks.skew(among)
+        if self.fenced is not None:  # judged by the lower bound until it lifts; shown by the fence's
+            skew = replace(skew, far=self.clocks.skew(among, bound=self.lift).far)
         if skew.fenced and self.fenced is None:
             log.warning(
                 "%s: fenced: %s; it stamps no versions and serves no reads or writes until its clock is "
@@ -254,6 +276,11 @@ class Fence:
             self.on_lifted()
         self.fenced = fenced_error(skew) if skew.fenced else None
         return skew
+
+    def error(self) -> ClockFencedError:
+        """A fresh error for a client operation refused while fenced (one per operation: an exception
+        raised again carries every earlier raise's traceback)."""
+        return fenced_error(self.skew)
 
 
 def fenced_error(skew: Skew, joining: str | None = None) -> ClockFencedError:

@@ -38,7 +38,9 @@ async def test_a_failed_write_says_how_far_it_got() -> None:
     async with http_ring(1, **THREE) as nodes, RemoteNode(nodes[0].address) as ring:
         with pytest.raises(QuorumError) as info:
             await ring.put("k", b"v")
-        assert (info.value.operation, info.value.answered, info.value.needed) == ("write", 1, 2)
+        # no other replica stored it, and this node's copy alone could not make the quorum: kept nowhere
+        assert (info.value.operation, info.value.answered, info.value.needed) == ("write", 0, 2)
+        assert await nodes[0].storage.get(b"k") is None
 
 
 async def test_an_unreachable_node_is_a_typed_error(stranger_address: str) -> None:
@@ -96,8 +98,9 @@ async def test_the_repl_warns_once_when_the_ring_is_too_small_and_says_a_write_w
         out = await drive(ring, "put k v\nput k v\n")
     assert out == [
         "the ring has 1 member and a write needs 2: writes will fail until more nodes join",
-        "not acknowledged: stored on 1 of 2 required replicas; it may still appear",
-        "not acknowledged: stored on 1 of 2 required replicas; it may still appear",
+        # its copy alone cannot make the quorum, so no copy is kept: nothing may appear later
+        "error: write quorum not reached: 0 of 2 replicas answered",
+        "error: write quorum not reached: 0 of 2 replicas answered",
     ]
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from helpers import RingFactory, settle
 
-from balancer.errors import ClockFencedError, QuorumError
+from balancer.errors import ClockFencedError, PeerUnreachableError, QuorumError
 from balancer.kv import HybridClock
+from balancer.kv.shared import PeerWarnings
 from balancer.node import Node
 from balancer.plugins.local_transport import LocalNetwork, LocalTransport
 from balancer.skew import FENCE_FRACTION, Fence, PeerClocks, Skew, readable, wall_clock
+from balancer.types import Record, Version
 
 
 class Ticking:
@@ -277,3 +279,126 @@ async def test_a_read_returns_a_record_a_replica_accepted_from_a_clock_ahead_of_
     with pytest.raises(QuorumError):  # and it cannot order a write before that version: it refuses
         await behind.put("k", b"ordered before newer")
     assert await nodes[2].get("k") == b"newer"
+
+
+def test_an_absurd_peer_clock_is_far_and_no_further() -> None:
+    peers, _ = clocks()
+    peers.sample("dead-battery:1", 1_700_000_000.0, 0.01, 1.0)  # a clock reading 1970
+    found = peers.offset("dead-battery:1")
+    assert found is not None
+    assert found.seconds == -1e6
+    assert peers.skew().ahead <= 1e6  # what ring.describe reports stays inside its schema
+
+
+def test_a_fence_lifts_only_well_inside_the_bound() -> None:
+    peers, _ = clocks(bound=48.0)
+    fence = Fence(peers)  # lifts at 42 s (0.7 of a 60 s skew)
+    for offset, fenced in ((-50.0, True), (-45.0, True), (-43.0, True), (-40.0, False), (-45.0, False)):
+        for p in ("b:1", "c:1"):
+            for _ in range(4):
+                peers.sample(p, 1000.0, 0.001, 1000.0 + offset)
+        fence.update()
+        assert (fence.fenced is not None) == fenced, offset
+    peers.sample("b:1", 1000.0, 0.001, 900.0)
+    first, second = Fence(peers), Fence(peers)
+    assert first.error() is not second.error()  # a fresh error per refused operation
+
+
+async def test_a_write_refused_for_its_stamp_leaves_no_copy_on_a_coordinator_that_is_only_a_spare(
+    make_ring: RingFactory,
+) -> None:
+    nodes = await make_ring(4, replicas=3, write_quorum=2, read_quorum=2)
+    skewed = nodes[-1]
+    for i in range(500):  # a key whose replicas are the other three, with the coordinator next in line
+        key = f"k{i}"
+        replicas, fallbacks = await skewed.kv.replica_set(key.encode())
+        if fallbacks and fallbacks[0].address == skewed.address:
+            break
+    else:
+        pytest.fail("no key has the coordinator as its first stand-in")
+    assert skewed.address not in {n.address for n in replicas}
+    await nodes[0].put(key, b"acknowledged")
+    skewed.kv.clock = HybridClock(lambda: time.time() + 120, max_skew=60)
+    with pytest.raises(QuorumError):
+        await skewed.put(key, b"refused")
+    assert await skewed.storage.get(key.encode()) is None
+    for node in nodes:
+        node.kv.clock = HybridClock(lambda: time.time() + 70, max_skew=60)
+    await settle(nodes)
+    for node in nodes:
+        assert await node.get(key) == b"acknowledged"
+
+
+async def test_a_write_no_replica_answered_keeps_no_copy_unless_it_makes_the_quorum(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    nodes = await make_ring(3, replicas=3, write_quorum=2, read_quorum=2)
+    alone = nodes[0]
+    for node in nodes[1:]:
+        network.kill(node.address)
+    with pytest.raises(QuorumError):
+        await alone.kv.put("k", b"unchecked")
+    assert await alone.storage.get(b"k") is None  # W = 2: its copy alone could not make the write
+    solo = await make_ring(3, replicas=3, write_quorum=1, read_quorum=3, seed=2)
+    for node in solo[1:]:
+        network.kill(node.address)
+    await solo[0].kv.put("k", b"kept")  # W = 1: its own copy is the quorum
+    stored = await solo[0].storage.get(b"k")
+    assert stored is not None
+    assert stored.value == b"kept"
+
+
+async def test_the_same_version_with_other_contents_is_beaten_not_kept(make_ring: RingFactory) -> None:
+    (node,) = await make_ring(1, replicas=1, write_quorum=1, read_quorum=1)
+    first = Record(b"k", b"one", Version(5 << 16, 7))
+    assert await node.kv.transfer.store_here([first]) == [(True, None)]
+    assert await node.kv.transfer.store_here([first]) == [(False, None)]  # a copy: nothing to beat
+    twin = Record(b"k", b"two", first.version)  # a rewound clock's repeat: the writer must stamp past
+    assert await node.kv.transfer.store_here([twin]) == [(False, first.version)]
+
+
+def test_a_peer_back_in_the_ring_is_worth_warnings_again(caplog: pytest.LogCaptureFixture) -> None:
+    warnings = PeerWarnings()
+    caplog.set_level(logging.INFO, logger="balancer.kv")
+    warnings.departed("b:1")
+    warnings.failed("anti-entropy", "b:1", PeerUnreachableError("b:1", "refused", refused=True), "a:1")
+    warnings.back("b:1")
+    down = PeerUnreachableError("b:1", "timed out")
+    warnings.failed("anti-entropy", "b:1", down, "a:1")
+    levels = [r.levelno for r in caplog.records if r.name == "balancer.kv"]
+    assert levels == [logging.INFO, logging.WARNING]
+
+
+async def test_a_joiner_may_break_a_tie_between_two_clocks(
+    make_ring: RingFactory, network: LocalNetwork
+) -> None:
+    (first,) = await make_ring(1)
+    drifter = Node(first.config.evolve(clock_drift=60.0), join=first.address, pm=first.pm,
+                   transport=LocalTransport(network))  # fmt: skip
+    await drifter.start()
+    pair = [first, drifter]
+    deadline = time.monotonic() + 60
+    while first.fence.fenced is None or drifter.fence.fenced is None:  # two clocks: both fenced
+        assert time.monotonic() < deadline, (first.fence.skew, drifter.fence.skew)
+        await poll_clocks(pair)
+    joiner = Node(first.config, join=first.address, pm=first.pm, transport=LocalTransport(network))
+    await joiner.start()  # through a fenced seed: judged once a member, not refused
+    trio = [*pair, joiner]
+    try:
+        deadline = time.monotonic() + 60
+        while first.fence.fenced is not None:  # the majority's clock is the first's and the joiner's
+            assert time.monotonic() < deadline, first.fence.skew
+            await poll_clocks(trio)
+        assert drifter.fence.fenced is not None
+        assert joiner.fence.fenced is None
+    finally:
+        await joiner.close()
+
+
+async def poll_clocks(nodes: list[Node]) -> None:
+    """One round of the round trips that carry clocks, then every node's fence updated."""
+    for node in nodes:
+        await node.ring.stabilize()
+        await node.ring_status()
+    for node in nodes:
+        node.fence.update(m.address for m in node.members() if m.live and m.address != node.address)

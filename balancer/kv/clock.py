@@ -51,9 +51,10 @@ class HybridClock:
 
     def horizon(self) -> int:
         """The greatest timestamp a read adopts: twice ``max_skew`` ahead of the wall clock. A replica
-        stored the record within its own ``max_skew``, and its clock may be ahead of this one's by up to
-        as much while neither is fenced (see :mod:`balancer.skew`): a read that ignored such a record
-        would answer with an older value. Beyond that a record is forged, or this clock is broken."""
+        stored the record within its own ``max_skew``, and while neither is fenced its clock may be
+        ahead of this one's by up to 1.6 ``max_skew`` (each within 0.8 of the majority's, see
+        :mod:`balancer.skew`): a read that ignored such a record would answer with an older value.
+        Beyond that a record is forged, or this clock is broken."""
         return int((self._wall() + 2 * self.max_skew) * 1000) << _COUNTER_BITS
 
     def ahead(self, timestamp: int) -> float:

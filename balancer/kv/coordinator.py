@@ -110,7 +110,9 @@ class Coordinator:
                     continue
                 answers[node] = result[0]
             best = max((r for r in answers.values() if r is not None), key=lambda r: r.version, default=None)
-        if best is not None:
+        if best is not None and best.version.timestamp <= self.shared.clock.limit():
+            # (a record past this clock's skew is read, not repaired with: replicas behind would refuse
+            # it, and with it every other record of the message it shares)
             stale = [
                 n for n, r in answers.items() if n in replicas and (r is None or r.version < best.version)
             ]
@@ -152,11 +154,14 @@ class Coordinator:
         """Send ``records`` to ``targets``, and to the next ``spare`` for each that fails; returns as
         soon as ``need`` targets acknowledged (the rest finish in the background) or every attempt is over.
 
-        With ``vouched`` (records this node has just stamped), this node, if it is a target, stores its
-        own copy only once a peer has stored them, or once every peer's attempt ended without one
-        refusing them for being stamped beyond its clock skew (:class:`ClockSkewError`): records that
-        peers refuse as coming from a clock too far ahead are kept nowhere, so neither anti-entropy nor
-        repair can spread them once their time comes, and they can never beat a later write.
+        With ``vouched`` (records this node has just stamped), this node stores its own copy (as a
+        target or as a spare) only once another of the key's replicas has stored them, or, as a target,
+        once every other attempt has ended with none refusing them for being stamped beyond its clock
+        skew (:class:`ClockSkewError`) and its own copy completes the quorum (W = 1, or a ring of one).
+        A replica that refuses them for their stamp gets no spare: a spare stands in for an unreachable
+        replica, not for one that refused. So records that replicas refuse as coming from a clock too
+        far ahead are kept nowhere: neither anti-entropy nor repair can spread them once their time
+        comes, and they can never beat a later write.
 
         Returns how many targets acknowledged, and the greatest version a replica refused a record for.
         A spare keeps a copy (handed to the replica by maintenance later) but never counts towards
@@ -170,25 +175,39 @@ class Coordinator:
         retried: set[NodeInfo] = set()
         quorum: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         me = self.shared.ring.address
-        # this node's own copy, held back until a peer vouched for the records' stamps (see above)
-        held = next((n for n in targets if n.address == me), None) if vouched else None
-        refused = False  # a peer refused the records as stamped too far ahead of its clock
+        held: list[NodeInfo] = []  # this node's own copy, until another replica vouched for the stamps
+        vouch = vouched  # whether this node's own copy waits for a vouch
+        refused = False  # a replica refused the records as stamped too far ahead of its clock
 
-        def vouch(ok: bool) -> None:
-            """A peer stored the records (``ok``), or the last peer attempt ended: release this node's
-            own copy, unless a peer refused the stamps and none stored them."""
-            nonlocal held
-            if held is not None and (ok or (pending == 0 and not refused)):
-                node, held = held, None
+        def begin(node: NodeInfo) -> None:
+            """Start ``node``'s attempt, or hold it if it is this node's copy awaiting a vouch."""
+            if vouch and node.address == me:
+                held.append(node)
+            else:
                 start(node)
+
+        def release(vouched_for: bool) -> None:
+            """Another replica stored the records (``vouched_for``): start every held copy. Else, the
+            last attempt ended: start this node's copy as a target only if no replica refused the
+            stamps and it completes the quorum by itself (a copy that cannot make a write succeed is a
+            copy no peer checked)."""
+            nonlocal vouch
+            if vouched_for:
+                vouch = False
+                while held:
+                    start(held.pop(0))
+            elif pending == 0 and not refused and need - acked <= 1:
+                for node in [n for n in held if n in counted]:
+                    held.remove(node)
+                    start(node)
 
         def ended(node: NodeInfo, future: asyncio.Future[Any]) -> None:
             nonlocal acked, newest_version, pending, refused
             pending -= 1
             exc = asyncio.CancelledError() if future.cancelled() else future.exception()
             if exc is None:
-                if node.address != me:
-                    vouch(True)
+                if vouch and node in counted and node.address != me:
+                    release(True)
                 # one record's (kept, newer) or a summary's (count kept, newer): newer is what counts
                 _, newer = future.result()
                 self.shared.warnings.answered("a replica write", node.address)
@@ -204,7 +223,8 @@ class Coordinator:
                         if newer is not None and (newest_version is None or newer > newest_version):
                             newest_version = newer
             else:  # accounted even after the quorum: a peer found down is forgotten at once
-                refused = refused or isinstance(exc, ClockSkewError)
+                skewed = isinstance(exc, ClockSkewError)
+                refused = refused or skewed
                 if not isinstance(exc, asyncio.CancelledError):  # cancelled is not failed
                     self.shared.warnings.failed("a replica write", node.address, exc, self.shared.ring.info)
                 slow = self._failed(node, exc)
@@ -212,9 +232,10 @@ class Coordinator:
                     # only slow: asked again, for longer (its timeout backed off), beside a spare
                     retried.add(node)
                     start(node)
-                if spare:  # even after the quorum: N copies, the spare's handed back by maintenance
-                    start(spare.pop(0))
-                vouch(False)
+                if spare and not skewed:  # even after the quorum: N copies, handed back by maintenance
+                    begin(spare.pop(0))
+                if held:
+                    release(False)
             if not quorum.done() and (acked >= need or pending == 0):
                 quorum.set_result(None)
 
@@ -232,10 +253,9 @@ class Coordinator:
                 started.append(future)
 
         for node in targets:
-            if node is not held:
-                start(node)
-        if held is not None and pending == 0:  # no peer to vouch: a ring of one
-            vouch(False)
+            begin(node)
+        if held and pending == 0:  # no other replica to vouch: a ring of one
+            release(False)
         try:
             if pending:
                 await asyncio.shield(quorum)

@@ -211,6 +211,10 @@ class KVService:
         """See :meth:`~balancer.kv.coordinator.Coordinator.cancel_background`."""
         self.coordinator.cancel_background()
 
+    def peer_back(self, address: str) -> None:
+        """``address`` joined (again): its failures are worth warnings again."""
+        self.shared.warnings.back(address)
+
     def forget_peer(self, address: str, *, left: bool = False) -> None:
         """See :meth:`~balancer.kv.transfer.Transfer.forget_peer`; a peer that ``left`` the ring
         gracefully is no cause for warnings (see :class:`~balancer.kv.shared.PeerWarnings`)."""

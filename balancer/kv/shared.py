@@ -50,6 +50,12 @@ class PeerWarnings:
         """``peer`` left the ring (or said it is leaving): its failures are routine until it answers."""
         self._departed.add(peer)
 
+    def back(self, peer: str) -> None:
+        """``peer`` joined the ring again: forget that it left."""
+        if peer in self._departed:
+            self._departed.discard(peer)
+            self._refused = {(kind, p) for kind, p in self._refused if p != peer}
+
     def failed(self, kind: str, peer: str, reason: object, me: object) -> None:
         """``peer`` failed at ``kind``: warn, unless already warned since it last answered, or the
         failure is a routine departure (see the class)."""

@@ -84,7 +84,8 @@ class Transfer:
             batcher = self.readers[node.address] = Batcher(send, _key_batches)
         found, settled = await batcher.submit(key)
         record = self.adoptable(found)
-        if record is not None:
+        if record is not None and record.version.timestamp <= self.shared.clock.limit():
+            # one between the limit and the horizon is read, but never pins this clock at its limit
             self.shared.clock.observe(record.version.timestamp)
         return record, settled
 
@@ -220,6 +221,10 @@ class Transfer:
                 results.append((True, None))
                 continue
             current = await self.shared.storage.get(record.key)
-            greater = current is not None and current.version > record.version
-            results.append((False, current.version if greater and current else None))
+            # the same version with other contents is a conflict, never a copy: the writer stamps past it
+            beaten = current is not None and (
+                current.version > record.version
+                or (current.version == record.version and current.value != record.value)
+            )
+            results.append((False, current.version if beaten and current else None))
         return results

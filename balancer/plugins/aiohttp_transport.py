@@ -96,7 +96,9 @@ def _error(exc: BaseException) -> web.Response:
     kind = type(exc).__name__ if isinstance(exc, BalancerError) else "InternalError"
     message = str(exc) if isinstance(exc, BalancerError) else f"{type(exc).__name__}: {exc}"
     error: dict[str, Any] = {"type": kind, "message": message}
-    if isinstance(exc, QuorumError):  # how far a failed write got: it may still appear
+    if isinstance(exc, errors.ClockFencedError):  # refused before anything was sent: nothing may appear
+        error |= {"ahead": round(exc.ahead, 3), "ahead_error": round(exc.error, 3), "bound": exc.bound}
+    elif isinstance(exc, QuorumError):  # how far a failed write got: it may still appear
         error |= {"operation": exc.operation, "answered": exc.answered, "needed": exc.needed}
     return _json({"error": error}, status_for(exc))
 

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+import pytest
 from processes import Cluster, Proc, kill9, ring_correct, ring_view, status, until
 
 
-async def _ring(cluster: Cluster, http: aiohttp.ClientSession, size: int) -> list[Proc]:
-    first = cluster.start()
+async def _ring(cluster: Cluster, http: aiohttp.ClientSession, size: int, *extra: str) -> list[Proc]:
+    first = cluster.start(extra=extra)
     await until(lambda: _answers(http, first), what="the first node answering")
     for _ in range(size - 1):
-        cluster.start(join=first.address)
+        cluster.start(join=first.address, extra=extra)
     addresses = [p.address for p in cluster.procs]
     await until(lambda: ring_correct(http, addresses), timeout=60, what=f"{size}-node ring convergence")
     return list(cluster.procs)
@@ -34,11 +35,15 @@ async def _exited(proc: Proc) -> bool:
     return proc.process.poll() is not None
 
 
-async def test_a_joiner_whose_clock_is_far_off_is_refused_with_one_line(cluster: Cluster) -> None:
+@pytest.mark.parametrize("transport", ["stream", "aiohttp"])
+async def test_a_joiner_whose_clock_is_far_off_is_refused_with_one_line(
+    cluster: Cluster, transport: str
+) -> None:
     async with aiohttp.ClientSession() as http:
-        procs = await _ring(cluster, http, 3)
+        procs = await _ring(cluster, http, 3, "--transport", transport)
         for offset, side in (("120", "ahead of"), ("-120", "behind")):
-            joiner = cluster.start(join=procs[1].address, extra=("--clock-offset", offset))
+            extra = ("--transport", transport, "--clock-offset", offset)
+            joiner = cluster.start(join=procs[1].address, extra=extra)
             gave_up = functools.partial(_exited, joiner)
             await until(gave_up, timeout=60, what=f"the {offset} s joiner giving up")
             assert joiner.process.returncode != 0
@@ -46,12 +51,14 @@ async def test_a_joiner_whose_clock_is_far_off_is_refused_with_one_line(cluster:
             assert len(said) == 1, joiner.output()
             assert f"s {side} the ring's" in said[0]
             assert "Traceback" not in joiner.output()
-        near = cluster.start(join=procs[2].address, extra=("--clock-offset", "30"))  # inside the bound
+        near = cluster.start(join=procs[2].address, extra=("--transport", transport, "--clock-offset", "30"))
         everyone = [*(p.address for p in procs), near.address]
         await until(lambda: ring_correct(http, everyone), timeout=60, what="the +30 s joiner in the ring")
         answer = await status(http, near.address)
         assert answer is not None
         assert answer["clock"]["fenced"] is False
+        assert answer["clock"]["peers"] >= 1  # measured over this transport
+        assert 25 < answer["clock"]["ahead"] < 35
 
 
 @dataclass
@@ -109,6 +116,8 @@ async def test_a_drifting_clock_is_fenced_and_loses_no_acknowledged_write(cluste
             error = orjson.loads(await resp.read())["error"]
         assert error["type"] == "ClockFencedError"
         assert "ahead of the ring's" in error["message"]
+        assert error["ahead"] > 40  # its measured offset, as a number too
+        assert error["bound"] == 48
         told = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "balancer", "put", drifter.address, "probe", "x"],

@@ -59,6 +59,12 @@ async def test_five_grpc_processes_share_keys_survive_a_leave_and_heal_after_kil
                 assert resp.status == 200, await resp.text()
         for proc in procs:
             await _all_read(http, proc, keys)
+        # ring RPC answers carry the answering node's clock over gRPC too: every node has measured peers
+        for proc in procs:
+            view = await get_json(http, proc.http, "/status", 5)
+            assert isinstance(view, dict)
+            assert view["clock"]["peers"] >= 1, view["clock"]
+            assert view["clock"]["fenced"] is False
         await until(
             lambda: _records(http, procs, 3 * len(keys)), timeout=60, what="three copies of every key"
         )
