@@ -46,6 +46,13 @@ OUTGOING = 100
 its client's connections."""
 
 _BUFFERED = 1 << 18  # bytes held for a relay still dialling before the caller is read no more
+STALL = 30.0
+"""Most seconds a caller may leave what the gRPC server sent it unread (its socket's buffer full) before
+the relay is dropped: a ring connection is never evicted, and one that stops reading would hold its
+place for good."""
+LINGER = 5.0
+"""Most seconds a relay closed gracefully may spend flushing what it holds for a peer that does not read
+before both its sockets are dropped; until they are, it still counts against the cap."""
 
 
 def fitted_caps(requested: int, *, soft_limit: int | None = None) -> tuple[int, int]:
@@ -87,7 +94,10 @@ class Relay(asyncio.Protocol):
         self._pending_size = 0
         self._dialling: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         self._closed = False
+        self._inner_paused = False  # the gRPC server's side is full: the caller is not read meanwhile
 
     # -- the caller's side ------------------------------------------------------------------------
 
@@ -125,16 +135,28 @@ class Relay(asyncio.Protocol):
         """The caller's connection is gone: close the relay too."""
         self.outer = None
         self.close()
+        self._gone()
 
     def pause_writing(self) -> None:
-        """The caller reads slower than the gRPC server answers: stop reading the server."""
+        """The caller reads slower than the gRPC server answers: stop reading the server (for at most
+        :data:`STALL` seconds)."""
         if self.inner is not None:
             self.inner.pause_reading()
+        if self._stall is None and not self._closed:
+            self._stall = asyncio.get_running_loop().call_later(STALL, self._stalled)
 
     def resume_writing(self) -> None:
         """The caller caught up: read the server again."""
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self.inner is not None:
             self.inner.resume_reading()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.port.gate.note("stalled")
+        self.force_close()
 
     # -- the gRPC server's side -------------------------------------------------------------------
 
@@ -158,7 +180,7 @@ class Relay(asyncio.Protocol):
         self.port.by_port[self._inner_port] = self
         pending, self._pending, self._pending_size = self._pending, [], 0
         transport.writelines(pending)
-        if self.outer is not None:
+        if self.outer is not None and not self._inner_paused:  # that write may have filled it again
             self.outer.resume_reading()
 
     def answered(self, data: bytes) -> None:
@@ -194,7 +216,7 @@ class Relay(asyncio.Protocol):
 
     def _stop(self, *, abort: bool) -> None:
         if self._closed:
-            # a second call may still need to abort what a graceful close left flushing
+            # a second call (the linger ran out, the gate evicts it) aborts what a graceful close left
             if abort:
                 for transport in (self.outer, self.inner):
                     if transport is not None:
@@ -202,8 +224,6 @@ class Relay(asyncio.Protocol):
             return
         self._closed = True
         port = self.port
-        port.gate.release(self)
-        port.relays.discard(self)
         if self._inner_port is not None and port.by_port.get(self._inner_port) is self:
             del port.by_port[self._inner_port]
         if self._timer is not None:
@@ -219,6 +239,37 @@ class Relay(asyncio.Protocol):
                 transport.abort()
             else:
                 transport.close()
+        if not abort and (self.outer is not None or self.inner is not None):
+            # a graceful close waits for its buffers to flush: never longer than LINGER
+            self._linger = asyncio.get_running_loop().call_later(LINGER, self.force_close)
+        self._gone()
+
+    def inner_lost(self, transport: asyncio.BaseTransport) -> None:
+        """The relay's connection to the gRPC server is gone (``transport``): close the caller's too."""
+        if transport is self.inner:
+            self.inner = None
+        self.close()
+        self._gone()
+
+    def inner_paused(self, paused: bool) -> None:
+        """The gRPC server's side is full (``paused``), or has room again: stop or resume the caller."""
+        self._inner_paused = paused
+        if self.outer is not None:
+            if paused:
+                self.outer.pause_reading()
+            elif self._pending_size <= _BUFFERED:
+                self.outer.resume_reading()
+
+    def _gone(self) -> None:
+        """Once closed and both sockets are gone, the connection no longer counts against the cap: until
+        then its descriptors are held, so it is counted (and may be evicted, which aborts it)."""
+        if self._closed and self.outer is None and self.inner is None:
+            self.port.gate.release(self)
+            self.port.relays.discard(self)
+            for timer in (self._linger, self._stall):
+                if timer is not None:
+                    timer.cancel()
+            self._linger = self._stall = None
 
 
 class _Inward(asyncio.Protocol):
@@ -226,6 +277,10 @@ class _Inward(asyncio.Protocol):
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.relay.answered(data)
@@ -235,15 +290,14 @@ class _Inward(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.relay.close()
+        if self.transport is not None:
+            self.relay.inner_lost(self.transport)
 
     def pause_writing(self) -> None:
-        if self.relay.outer is not None:
-            self.relay.outer.pause_reading()
+        self.relay.inner_paused(True)
 
     def resume_writing(self) -> None:
-        if self.relay.outer is not None:
-            self.relay.outer.resume_reading()
+        self.relay.inner_paused(False)
 
 
 class GatedPort:

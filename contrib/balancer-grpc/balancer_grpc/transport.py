@@ -217,10 +217,10 @@ class _RingService(grpc.GenericRpcHandler):
                 if relay is None:  # dialled the loopback port directly, past the gate
                     raise UnauthorizedError("ring RPCs are served on the node's port only")
                 transport.authenticate(name, body, context)  # first: a stranger learns nothing
-                relay.promote()  # a ring member's connection: kept when public ones crowd in
                 handler = transport.handlers.get(name)
                 if handler is None:
                     raise _UnknownMethodError(f"unknown method {name!r}")
+                relay.promote()  # a ring member's call to a method served: kept when public ones crowd in
                 return encode(await handler(decode_request(body)))
             except BalancerError as exc:
                 failure = exc

@@ -13,13 +13,14 @@ from typing import Any
 import grpc
 import pytest
 from balancer_grpc import GrpcTransport
+from balancer_grpc import port as port_module
 from balancer_grpc.codec import encode, method_path
-from balancer_grpc.port import OUTGOING, RELAY_DESCRIPTORS, fitted_caps
+from balancer_grpc.port import OUTGOING, RELAY_DESCRIPTORS, GatedPort, fitted_caps
 from processes import until
 
 from balancer.config import Config
 from balancer.hookspecs import Payload
-from balancer.plugins.connections import ACCEPT_BACKLOG
+from balancer.plugins.connections import ACCEPT_BACKLOG, ConnectionGate
 
 QUICK: dict[str, Any] = {"load_entrypoints": False, "rpc_timeout": 2.0}
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
@@ -149,3 +150,46 @@ async def test_closing_drops_the_connections_and_frees_the_port() -> None:
             await writer.wait_closed()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_caller_that_closes_without_reading_still_counts_until_its_sockets_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a plain server stands in for gRPC: it answers without end to whatever arrives, and the caller never
+    # reads, so the relay always holds bytes it cannot send
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(ConnectionError):
+            await reader.read(1)
+            for _ in range(1024):  # at most 1 GB: far more than any socket buffers
+                writer.write(b"x" * (1 << 20))
+                await writer.drain()
+
+    monkeypatch.setattr(port_module, "LINGER", 3.0)
+    inner = await asyncio.start_server(flood, "127.0.0.1", 0)
+    gate = ConnectionGate(64, header_timeout=30.0)
+    gated = GatedPort(gate, int(inner.sockets[0].getsockname()[1]))
+    public = await gated.listen("127.0.0.1", 0)
+    callers: list[socket.socket] = []
+    try:
+        for _ in range(5):
+            caller = socket.socket()
+            caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            caller.connect(("127.0.0.1", public))
+            caller.sendall(b"?")
+            callers.append(caller)
+        await until(lambda: _true(all(r.inner is not None for r in gated.relays) and gate.open == 5))
+        for caller in callers:
+            caller.shutdown(socket.SHUT_WR)  # a FIN: the relay closes gracefully, with megabytes unsent
+        await until(lambda: _true(len(gated.relays) == 5 and all(r._closed for r in gated.relays)))
+        assert gate.open == 5  # closing, not closed: their descriptors are still held, so still counted
+        await until(lambda: _true(gate.open == 0 and not gated.relays), timeout=10)  # the linger ran out
+    finally:
+        for caller in callers:
+            caller.close()
+        await gated.aclose()
+        inner.close()
+        await inner.wait_closed()
+
+
+async def _true(value: bool) -> bool:
+    return value
