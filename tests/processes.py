@@ -28,6 +28,22 @@ FAST = [
 ]
 
 
+_OPEN_FILES = (
+    "import os, resource, sys\n"
+    "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard))\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def with_open_files(limit: int, command: list[str]) -> list[str]:
+    """``command`` (a Python command line) run with a soft open-file limit of ``limit`` (the hard one
+    stays): a fresh interpreter sets it and execs the command, in place, so the pid is the node's. Not
+    a ``preexec_fn``: Python code between fork and exec can hang in a child of a process whose other
+    threads hold locks (gRPC's do, once a test has used it)."""
+    return [sys.executable, "-c", _OPEN_FILES, str(limit), *command[1:]]
+
+
 def free_port() -> int:
     """A port nothing listens on right now, on 127.0.0.1."""
     with socket.socket() as sock:
@@ -72,18 +88,20 @@ class Cluster:
         join: str | None = None,
         extra: tuple[str, ...] = (),
         port: int | None = None,
-        preexec: Callable[[], None] | None = None,
+        open_files: int | None = None,
     ) -> Proc:
         """Start ``balancer node`` creating a ring (``join=None``) or joining ``join``, on ``port`` or a
-        free one; ``preexec`` runs in the child before it starts (to set resource limits, say)."""
+        free one; with ``open_files``, under that soft open-file limit (:func:`with_open_files`)."""
         port = port or free_port()
         address = f"127.0.0.1:{port}"
         where = ["--join", join] if join else ["--ring"]
         log = self.tmp / f"node-{port}.log"
         command = [sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *extra]
+        if open_files is not None:
+            command = with_open_files(open_files, command)
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
         proc = Proc(address, process, log)
         self.procs.append(proc)

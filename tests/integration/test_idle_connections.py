@@ -16,12 +16,6 @@ LIMIT = 1024
 IDLE = 1100
 
 
-def limit_open_files() -> None:
-    """In the node process: a soft limit of LIMIT open files (the hard limit stays)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))
-
-
 @pytest.fixture
 def room_for_sockets() -> Iterator[None]:
     """Raise this process's own soft open-file limit so it can hold the idle sockets (within the hard one)."""
@@ -67,7 +61,7 @@ async def rpc_answers(http: aiohttp.ClientSession, address: str) -> bool:
 
 
 async def test_idle_sockets_do_not_take_a_node_down(cluster: Cluster, room_for_sockets: None) -> None:
-    target = cluster.start(preexec=limit_open_files)
+    target = cluster.start(open_files=LIMIT)
     async with aiohttp.ClientSession() as http:
         await until(lambda: _answers(http, target), what="the limited node answering")
         peer = cluster.start(join=target.address)

@@ -14,7 +14,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import grpc
 import orjson
-from processes import free_port
+from processes import free_port, with_open_files
 
 FAST = ["--stabilize-interval", "0.2", "--rpc-timeout", "0.5", "--anti-entropy-interval", "0.5"]
 """As the core's process tests: quick maintenance, so rings settle within seconds."""
@@ -67,11 +67,11 @@ class GrpcCluster:
         *,
         join: str | None = None,
         extra: tuple[str, ...] = (),
-        preexec: Callable[[], None] | None = None,
+        open_files: int | None = None,
     ) -> GrpcProc:
         """Start a node creating a ring (``join=None``) or joining ``join`` (a ring, that is gRPC,
-        address), with this package's plugin alone; ``preexec`` runs in the child before it starts (to
-        set resource limits, say)."""
+        address), with this package's plugin alone; with ``open_files``, under that soft open-file limit
+        (``processes.with_open_files``: no ``preexec_fn`` in a process that has used gRPC)."""
         port, http_port = free_port(), free_port()
         where = ["--join", join] if join else ["--ring"]
         log = self.tmp / f"node-{port}.log"
@@ -79,9 +79,11 @@ class GrpcCluster:
             *(sys.executable, "-m", "balancer", "-v", "node", "--port", str(port), *where, *FAST, *PLUGINS),
             *("--transport", "grpc", "--set", f"grpc.http_port={http_port}", *extra),
         ]
+        if open_files is not None:
+            command = with_open_files(open_files, command)
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
         proc = GrpcProc(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process, log)
         self.procs.append(proc)

@@ -26,12 +26,6 @@ QUORUMS = ("--write-quorum", "3", "--read-quorum", "1")
 """W = N = 3 on a ring of three: a write acknowledged through a peer reached the limited node too."""
 
 
-def limit_open_files() -> None:
-    """In the node process: a soft limit of LIMIT open files (the hard limit stays)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))
-
-
 @pytest.fixture
 def room_for_sockets() -> Iterator[None]:
     """Raise this process's own soft open-file limit so it can hold the idle sockets (within the hard one)."""
@@ -106,7 +100,7 @@ async def ring_rpc_answers(address: str) -> bool:
 async def test_idle_sockets_on_the_grpc_port_do_not_take_a_node_down(
     grpc_cluster: GrpcCluster, room_for_sockets: None
 ) -> None:
-    target = grpc_cluster.start(extra=QUORUMS, preexec=limit_open_files)
+    target = grpc_cluster.start(extra=QUORUMS, open_files=LIMIT)
     connector = aiohttp.TCPConnector(force_close=True)  # every probe dials: accepting is what is tested
     async with aiohttp.ClientSession(connector=connector) as http:
         await until(lambda: get_json(http, target.http, "/status", 1), what="the limited node answering")
