@@ -79,11 +79,12 @@ async def test_the_ring_page_lists_members_marks_a_dead_one_and_finds_a_key(
             cluster.start(join=first.address, extra=SECURED)
         addresses = sorted(p.address for p in cluster.procs)
 
-        async def formed() -> bool:
+        async def formed() -> bool:  # settled too: until then a key's replica set may still be changing
             view = await get(http, first.address, "/ring")
-            return view is not None and sorted(m["address"] for m in view["members"]) == addresses
+            listed = view is not None and sorted(m["address"] for m in view["members"]) == addresses
+            return listed and bool(view["settled"])
 
-        await until(formed, what="the ring of three forming", timeout=60)
+        await until(formed, what="the ring of three forming and settling", timeout=60)
 
         await page.goto(f"http://{first.address}/ui")
         await page.wait_for_selector("#auth", state="visible")  # the data needs the token
