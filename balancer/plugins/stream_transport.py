@@ -696,8 +696,11 @@ class StreamTransport(AiohttpTransport):
 
     def _sweep_soon(self) -> None:
         if self._sweeper is None:
-            idle = self.config.idle_timeout / 2
-            self._sweeper = asyncio.get_running_loop().call_later(idle, self._sweep)
+            # every quarter of the idle timeout: a connection idle for half of it is closed by three
+            # quarters at the latest, well before the server's timer (a sweep every half could come just
+            # short of a connection's half, and close it only together with the server)
+            every = self.config.idle_timeout / 4
+            self._sweeper = asyncio.get_running_loop().call_later(every, self._sweep)
 
     def _sweep(self) -> None:
         """Close the caller's connections idle for half the idle timeout, before the server would."""
